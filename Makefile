@@ -1,0 +1,130 @@
+# LLM inference optimization, from quantization to deployment.
+#
+#   make lab     learners: make .venv, install course_lib[notebooks], open JupyterLab
+#   make test    everything CI runs: lint, pytest, exercises in sync, every notebook (fast mode)
+#
+# Everything goes into $(VENV) inside this checkout; nothing is installed or registered
+# globally (no user-wide Jupyter kernel, no `pip install --user`).  Delete $(VENV) to start over.
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PY ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+# The test path pins the CPU build of torch.  A bare `torch` requirement on a Linux machine
+# with no torch yet would pull the multi-GB CUDA build from PyPI.  Where the pinned CPU wheel
+# is not on local disk (e.g. GitHub's runners), point TORCH_INDEX at PyTorch's CPU index:
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_PIN ?= torch==2.13.0
+TORCH_INDEX ?=
+LAB_ARGS ?=
+
+# Stamp files: re-running is fast, and a changed pyproject.toml re-installs.
+DEV_STAMP = $(VENV)/.dev-installed
+NB_STAMP = $(VENV)/.nb-installed
+
+# Reproducible, headless runs of tests and benchmarks.  (MPLBACKEND is set only on the
+# test targets below: exported to `make lab` it would stop plots from showing inline.)
+export PYTHONHASHSEED = 0
+export TOKENIZERS_PARALLELISM = false
+TEST_TARGETS = test lint pytest check-exercises nbval test-gpu bench
+$(TEST_TARGETS): export MPLBACKEND = Agg
+
+NOTEBOOK_FILES = $(wildcard notebooks/*.ipynb solutions/*.ipynb)
+
+.PHONY: help setup lab test lint pytest exercises check-exercises nbval test-gpu bench serve \
+	doctor clean
+
+help: ## list the targets
+	@echo "usage: make TARGET   (variables: PY=$(PY) VENV=$(VENV) TORCH_PIN=$(TORCH_PIN) LAB_ARGS=...)"
+	@echo
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+# --- environment -------------------------------------------------------------------------
+
+$(VENV)/bin/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+
+# Test/dev path: CPU torch pinned FIRST, then the package with its dev and serve extras.
+# dev includes the notebooks extra, so the notebooks stamp is satisfied too.
+$(DEV_STAMP): pyproject.toml | $(VENV)/bin/python
+	$(BIN)/pip install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_PIN)"
+	$(BIN)/pip install -e ".[dev,serve]"
+	touch $(NB_STAMP) $@
+
+# Learner path: no torch pin, so learners get the torch that fits their machine (and a
+# torch already in the venv is kept, nothing re-downloaded).
+$(NB_STAMP): pyproject.toml | $(VENV)/bin/python
+	$(BIN)/pip install -e ".[notebooks]"
+	touch $@
+
+setup: $(NB_STAMP) ## make .venv and install course_lib[notebooks] (the learner's install)
+
+# --- learners ----------------------------------------------------------------------------
+
+lab: $(NB_STAMP) ## open JupyterLab on notebooks/ (e.g. make lab LAB_ARGS="--no-browser --port 8899")
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
+
+doctor: $(NB_STAMP) ## report versions, device, Triton mode, reachable models and datasets
+	$(BIN)/python -m course_lib doctor
+
+# --- tests (what CI runs) ----------------------------------------------------------------
+
+test: $(DEV_STAMP) ## lint + pytest + check-exercises + nbval, then the total wall time
+	@start=$$(date +%s); status=0; \
+	for step in lint pytest check-exercises nbval; do \
+		$(MAKE) --no-print-directory $$step || { status=$$?; echo "make test: step '$$step' failed"; break; }; \
+	done; \
+	echo "make test: total wall time $$(( $$(date +%s) - start )) s"; \
+	exit $$status
+
+lint: $(DEV_STAMP) ## ruff check .
+	$(BIN)/ruff check .
+
+pytest: $(DEV_STAMP) ## unit tests (offline)
+	COURSE_OFFLINE=1 $(BIN)/pytest -q tests
+
+check-exercises: $(DEV_STAMP) ## fail if exercises/ is stale with respect to solutions/
+	$(BIN)/python -m course_lib build-exercises --check
+
+nbval: $(DEV_STAMP) ## run every notebook in notebooks/ and solutions/ (fast mode, offline)
+ifeq ($(NOTEBOOK_FILES),)
+	@echo "nbval: no notebooks in notebooks/ or solutions/ yet"
+else
+	COURSE_FAST=1 COURSE_OFFLINE=1 $(BIN)/pytest -q --nbval-lax --nbval-current-env -p no:cacheprovider notebooks solutions
+endif
+
+# GPU job: needs CUDA (a CUDA build of torch and an NVIDIA driver).  Runs the gpu-marked tests
+# and the notebooks at full size (no COURSE_FAST).  On Linux the pinned torch from PyPI's default
+# index is a CUDA build; pass TORCH_INDEX=.../cuXXX for another CUDA version.
+test-gpu: $(DEV_STAMP) ## GPU tests + full-size notebooks (needs CUDA)
+	$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'test-gpu needs CUDA; torch ' + torch.__version__ + ' sees no GPU')"
+	$(BIN)/pytest -q -m gpu tests
+ifneq ($(NOTEBOOK_FILES),)
+	$(BIN)/pytest -q --nbval-lax --nbval-current-env -p no:cacheprovider notebooks solutions
+endif
+
+# --- instructors -------------------------------------------------------------------------
+
+exercises: $(DEV_STAMP) ## regenerate exercises/ from solutions/ (never edit exercises/ by hand)
+	$(BIN)/python -m course_lib build-exercises
+
+# --- placeholders for later chapters -----------------------------------------------------
+
+bench: $(NB_STAMP) ## run benchmarks/*.py (JSON to benchmarks/results/)
+	@shopt -s nullglob; scripts=(benchmarks/*.py); \
+	if [ $${#scripts[@]} -eq 0 ]; then echo "bench: no benchmarks yet"; exit 0; fi; \
+	for s in "$${scripts[@]}"; do echo "== $$s"; $(BIN)/python "$$s"; done
+
+serve: ## OpenAI-compatible server (arrives with chapter 8)
+	@echo "serve: the OpenAI-compatible server arrives with chapter 8 (08_deployment_and_cost)"
+
+# --- housekeeping ------------------------------------------------------------------------
+
+clean: ## remove caches and build output (keeps .venv, runs/ and benchmark results)
+	find . \( -path ./$(VENV) -o -path ./runs -o -path ./.git \) -prune -o \
+		\( -name __pycache__ -o -name .ipynb_checkpoints \) -type d -print0 | xargs -0 rm -rf
+	rm -rf .pytest_cache .ruff_cache .hypothesis build dist *.egg-info

@@ -1,0 +1,8 @@
+"""course_lib: the companion library of "LLM inference optimization, from quantization to deployment".
+
+Every technique the course teaches is implemented here for real; the notebooks import it and
+explain it. Start with ``course_lib.runtime`` (where things run) and ``course_lib.models.hub``
+(which model is loaded and why).
+"""
+
+__version__ = "0.1.0"

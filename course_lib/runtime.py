@@ -1,0 +1,148 @@
+"""Where and how the course runs: device, Triton mode, seeding, fast mode, offline mode.
+
+Everything that depends on the machine is decided here, once, so notebooks and library code
+never call ``.cuda()`` or test for a GPU themselves.
+
+Environment variables:
+
+- ``COURSE_DEVICE``: force a device ("cpu", "cuda", "cuda:1", "mps").
+- ``COURSE_FAST=1``: small shapes and the bundled tiny models, for CI and laptops.
+- ``COURSE_OFFLINE=1``: never try the model or dataset hub (also ``HF_HUB_OFFLINE=1``).
+- ``TRITON_INTERPRET``: set to 1 by :func:`triton_mode` when there is no CUDA, *before* Triton
+  is imported, so Triton kernels run on the CPU through Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import random
+import re
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+TRITON_MODES = ("native", "interpret", "torch")
+
+_TRUE = {"1", "true", "yes", "on"}
+_logged: set[str] = set()
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in _TRUE
+
+
+def is_fast() -> bool:
+    """True in fast mode (``COURSE_FAST=1``): small shapes, tiny models, short loops."""
+    return _env_flag("COURSE_FAST")
+
+
+def is_offline() -> bool:
+    """True when the hub must not be tried (``COURSE_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``)."""
+    return _env_flag("COURSE_OFFLINE") or _env_flag("HF_HUB_OFFLINE")
+
+
+def get_device() -> torch.device:
+    """The device the course computes on: ``COURSE_DEVICE`` if set, else CUDA if present, else CPU."""
+    requested = os.environ.get("COURSE_DEVICE", "").strip()
+    if requested:
+        try:
+            device = torch.device(requested)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"COURSE_DEVICE={requested!r} is not a device; use 'cpu', 'cuda', 'cuda:N' or 'mps'"
+            ) from exc
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"COURSE_DEVICE={requested!r} but CUDA is not available here")
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def has_cuda() -> bool:
+    """True when the chosen device is a CUDA GPU."""
+    return get_device().type == "cuda"
+
+
+@lru_cache(maxsize=1)
+def triton_mode() -> str:
+    """How Triton kernels run here: "native" (CUDA), "interpret" (CPU interpreter) or "torch".
+
+    "torch" means Triton is not installed (e.g. macOS or Windows): every kernel has a torch
+    reference twin and the launchers call it instead. In "interpret" mode this function sets
+    ``TRITON_INTERPRET=1``; it must therefore run before ``triton`` is first imported, which
+    :mod:`course_lib.kernels` guarantees by calling it on import.
+    """
+    if importlib.util.find_spec("triton") is None:
+        return "torch"
+    if has_cuda():
+        return "interpret" if _env_flag("TRITON_INTERPRET") else "native"
+    if "triton" in sys.modules and not _env_flag("TRITON_INTERPRET"):
+        log_once(
+            "runtime: triton was imported before course_lib set TRITON_INTERPRET=1; "
+            "kernels fall back to torch. Import course_lib first (or set TRITON_INTERPRET=1)."
+        )
+        return "torch"
+    os.environ["TRITON_INTERPRET"] = "1"
+    return "interpret"
+
+
+def seed_everything(seed: int = 0) -> torch.Generator:
+    """Seed Python, NumPy (when present) and torch; return a torch Generator with that seed."""
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        pass
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def log_once(message: str) -> None:
+    """Print ``message`` to stderr the first time it is seen in this process."""
+    if message not in _logged:
+        _logged.add(message)
+        print(message, file=sys.stderr)
+
+
+def machine_description() -> str:
+    """CPU (or GPU) model and core count, e.g. 'AMD EPYC 7B13 (x86_64), 2 cores'; names the
+    machine a measured figure came from."""
+    if has_cuda():
+        return f"{torch.cuda.get_device_name(get_device())}, {os.cpu_count()} CPU cores"
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({platform.machine()}), {os.cpu_count()} cores"
+
+
+def machine_slug() -> str:
+    """A file-name-safe short form of :func:`machine_description`, for benchmark result files."""
+    return re.sub(r"[^a-z0-9]+", "-", machine_description().lower()).strip("-")[:60]
+
+
+def summary() -> dict[str, str]:
+    """A short description of the runtime, used by ``course-lib doctor`` and notebook 00."""
+    device = get_device()
+    info = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "device": str(device),
+        "triton_mode": triton_mode(),
+        "fast_mode": str(is_fast()),
+        "offline_mode": str(is_offline()),
+        "threads": str(torch.get_num_threads()),
+        "machine": machine_description(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info

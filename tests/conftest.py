@@ -1,0 +1,43 @@
+"""Shared test setup: offline by default, GPU tests skipped without CUDA, small seeded models."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("COURSE_OFFLINE", "1")  # tests never wait on a hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def random_hf_gpt2():
+    """A randomly initialised HF GPT-2 with odd sizes (3 layers, 4 heads of 12, vocab 101)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=101, n_positions=64, n_embd=48, n_layer=3, n_head=4,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_target():
+    from course_lib.models.hub import load_model
+
+    return load_model("tiny", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_draft():
+    from course_lib.models.hub import load_model
+
+    return load_model("tiny-draft", role="draft", device="cpu")

@@ -1,0 +1,76 @@
+"""Device choice, Triton mode, seeding and the doctor command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from course_lib import runtime
+
+
+def test_device_override(monkeypatch):
+    monkeypatch.setenv("COURSE_DEVICE", "cpu")
+    assert runtime.get_device() == torch.device("cpu")
+    monkeypatch.setenv("COURSE_DEVICE", "banana")
+    with pytest.raises(ValueError, match="COURSE_DEVICE='banana' is not a device"):
+        runtime.get_device()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_cuda_request_without_cuda(monkeypatch):
+    monkeypatch.setenv("COURSE_DEVICE", "cuda")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        runtime.get_device()
+
+
+@pytest.mark.parametrize("value, expected", [("1", True), ("true", True), ("0", False), ("", False)])
+def test_fast_flag(monkeypatch, value, expected):
+    monkeypatch.setenv("COURSE_FAST", value)
+    assert runtime.is_fast() is expected
+
+
+def _python(code: str, **env) -> str:
+    full_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env
+    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
+def test_triton_interpreter_is_set_before_import():
+    pytest.importorskip("triton")
+    out = _python("import os; from course_lib import runtime; m = runtime.triton_mode(); "
+                  "import triton; print(m, os.environ.get('TRITON_INTERPRET'))", COURSE_DEVICE="cpu")
+    assert out == "interpret 1"
+
+
+def test_torch_fallback_without_triton(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "triton" else real(n, *a))
+    runtime.triton_mode.cache_clear()
+    try:
+        assert runtime.triton_mode() == "torch"
+    finally:
+        runtime.triton_mode.cache_clear()
+
+
+def test_seed_everything_is_repeatable():
+    runtime.seed_everything(7)
+    a = torch.rand(3)
+    runtime.seed_everything(7)
+    assert torch.equal(a, torch.rand(3))
+
+
+def test_doctor_offline_reports_tiny_pair():
+    env = {k: v for k, v in os.environ.items()} | {"COURSE_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-m", "course_lib", "doctor"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "triton_mode" in res.stdout and "torch" in res.stdout
+    assert "in use: tiny" in res.stdout and "pair tiny / tiny-draft" in res.stdout
+    assert "gpt2" in res.stdout and "offline mode" in res.stdout

@@ -65,8 +65,9 @@ setup: $(NB_STAMP) ## make .venv and install course_lib[notebooks] (the learner'
 
 # --- learners ----------------------------------------------------------------------------
 
+# JupyterLab refuses to run as root unless told; containers often run as root.
 lab: $(NB_STAMP) ## open JupyterLab on notebooks/ (e.g. make lab LAB_ARGS="--no-browser --port 8899")
-	$(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 doctor: $(NB_STAMP) ## report versions, device, Triton mode, reachable models and datasets
 	$(BIN)/python -m course_lib doctor

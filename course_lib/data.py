@@ -31,9 +31,12 @@ HELDOUT_MODULES: tuple[str, ...] = (
     "ipaddress.py",
 )
 
-#: Parts of the stdlib tree left out of training: tests, third-party packages, and the
-#: held-out modules above.
-_EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+#: Parts of the stdlib tree left out of training: tests, third-party packages, and folders of
+#: generated tables and documentation (codec maps, pydoc's topic text) that are not code and
+#: would otherwise be an eighth of the corpus.
+_EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__",
+                  "encodings", "pydoc_data", "msilib"}
+_EXCLUDED_FILES = {"html/entities.py", "stringprep.py"}
 
 DATASETS = ("wikitext2", "stdlib")
 SPLITS = ("train", "test")
@@ -48,7 +51,7 @@ def stdlib_files(split: str) -> list[Path]:
     """Sorted stdlib source files for ``split`` ("train" or "test").
 
     "test" is the fixed held-out list (those present in this Python); "train" is every other
-    ``.py`` file outside test folders and site-packages.
+    ``.py`` file outside test folders, site-packages and the generated tables listed above.
     """
     _check_split(split)
     root = stdlib_root()
@@ -60,7 +63,7 @@ def stdlib_files(split: str) -> list[Path]:
         rel = path.relative_to(root)
         if _EXCLUDED_DIRS.intersection(rel.parts[:-1]):
             continue
-        if len(rel.parts) == 1 and rel.name in heldout:
+        if (len(rel.parts) == 1 and rel.name in heldout) or rel.as_posix() in _EXCLUDED_FILES:
             continue
         files.append(path)
     return files

@@ -37,7 +37,11 @@ def notebook_problems(nb: nbformat.NotebookNode, name: str) -> list[str]:
             f"{name}, cell 0: is a {nb.cells[0].cell_type} cell; the first cell must be markdown "
             "(learning goals come first)"
         )
+    elif "learning goals" not in nb.cells[0].source.lower():
+        problems.append(f"{name}, cell 0: the opening markdown cell does not state the learning goals")
     for index, cell in enumerate(nb.cells):
+        if ".cuda(" in cell.source:
+            problems.append(f"{name}, cell {index} (0-based): calls .cuda(); use course_lib.runtime.get_device()")
         if cell.get("outputs"):
             problems.append(
                 f"{name}, cell {index} (0-based): has {len(cell.outputs)} output(s); clear outputs"
@@ -68,7 +72,7 @@ def _clean_notebook() -> nbformat.NotebookNode:
             "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}
         }
     )
-    nb.cells = [new_markdown_cell("# Goals"), new_code_cell("x = 1")]
+    nb.cells = [new_markdown_cell("# Title\n\n**Learning goals.** x"), new_code_cell("x = 1")]
     return nb
 
 
@@ -109,3 +113,12 @@ def test_repo_notebooks_finds_nested_and_skips_checkpoints(tmp_path: Path) -> No
         nbformat.write(_clean_notebook(), tmp_path / rel)
     found = [p.relative_to(tmp_path).as_posix() for p in repo_notebooks(tmp_path)]
     assert found == ["notebooks/a.ipynb", "notebooks/part2/b.ipynb"]
+
+
+def test_checker_flags_missing_goals_and_cuda_calls() -> None:
+    nb = _clean_notebook()
+    nb.cells[0].source = "# Title only"
+    nb.cells[1].source = "model.cuda()"
+    problems = notebook_problems(nb, "bad.ipynb")
+    assert any("learning goals" in p for p in problems)
+    assert any("cell 1" in p and ".cuda()" in p for p in problems)

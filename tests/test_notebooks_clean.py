@@ -40,7 +40,7 @@ def notebook_problems(nb: nbformat.NotebookNode, name: str) -> list[str]:
     elif "learning goals" not in nb.cells[0].source.lower():
         problems.append(f"{name}, cell 0: the opening markdown cell does not state the learning goals")
     for index, cell in enumerate(nb.cells):
-        if ".cuda(" in cell.source:
+        if cell.cell_type == "code" and ".cuda(" in cell.source:
             problems.append(f"{name}, cell {index} (0-based): calls .cuda(); use course_lib.runtime.get_device()")
         if cell.get("outputs"):
             problems.append(

@@ -1,7 +1,7 @@
 """Where and how the course runs: device, Triton mode, seeding, fast mode, offline mode.
 
 Everything that depends on the machine is decided here, once, so notebooks and library code
-never call ``.cuda()`` or test for a GPU themselves.
+never move tensors to a GPU by hand or test for one themselves.
 
 Environment variables:
 

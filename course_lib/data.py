@@ -87,7 +87,7 @@ def wikitext2_text(split: str) -> str:
     _check_split(split)
     from datasets import load_dataset
 
-    ds = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+    ds = load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split=split)
     return "\n\n".join(ds["text"])
 
 

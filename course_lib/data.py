@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from course_lib.runtime import is_offline, log_once
+from course_lib.runtime import HUB_URL, hub_reachable, is_offline, log_once
 
 #: Stdlib modules never seen in training; their text is the offline evaluation set.
 HELDOUT_MODULES: tuple[str, ...] = (
@@ -104,6 +104,9 @@ def load_text(dataset: str = "auto", split: str = "test") -> tuple[str, str]:
         return stdlib_text(split), "stdlib"
     if dataset == "auto" and is_offline():
         log_once("data: offline mode, using the held-out Python stdlib text instead of WikiText-2")
+        return stdlib_text(split), "stdlib"
+    if dataset == "auto" and not hub_reachable():
+        log_once(f"data: {HUB_URL} is not reachable, using the held-out Python stdlib text instead of WikiText-2")
         return stdlib_text(split), "stdlib"
     try:
         return wikitext2_text(split), "wikitext2"

@@ -43,11 +43,11 @@ def dataset_report(check_network: bool = True) -> dict[str, str]:
         report["wikitext2"] = "not checked (--no-network)"
     elif runtime.is_offline():
         report["wikitext2"] = "skipped (offline mode); the stdlib text is used"
-    elif hub.hub_reachable():
+    elif runtime.hub_reachable():
         have = package_versions()["datasets"] != "missing"
         report["wikitext2"] = "reachable" if have else "hub reachable but `datasets` is not installed"
     else:
-        report["wikitext2"] = f"unreachable ({hub.HUB_URL}); the stdlib text is used"
+        report["wikitext2"] = f"unreachable ({runtime.HUB_URL}); the stdlib text is used"
     return report
 
 

@@ -20,12 +20,14 @@ import platform
 import random
 import re
 import sys
+import urllib.request
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 TRITON_MODES = ("native", "interpret", "torch")
+HUB_URL = "https://huggingface.co"
 
 _TRUE = {"1", "true", "yes", "on"}
 _logged: set[str] = set()
@@ -87,6 +89,19 @@ def triton_mode() -> str:
         return "torch"
     os.environ["TRITON_INTERPRET"] = "1"
     return "interpret"
+
+
+@lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """True when the Hugging Face hub (models and datasets) answers within ``timeout`` seconds
+    and offline mode is off. Probed once per process."""
+    if is_offline():
+        return False
+    try:
+        urllib.request.urlopen(urllib.request.Request(HUB_URL, method="HEAD"), timeout=timeout)
+        return True
+    except Exception:
+        return False
 
 
 def seed_everything(seed: int = 0) -> torch.Generator:

@@ -28,6 +28,16 @@ def test_offline_auto_uses_stdlib_with_one_message(monkeypatch, capsys):
     assert capsys.readouterr().err.count("held-out Python stdlib") == 1
 
 
+def test_unreachable_hub_auto_uses_stdlib(monkeypatch, capsys):
+    monkeypatch.setattr(runtime, "_logged", set())
+    monkeypatch.delenv("COURSE_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(data, "hub_reachable", lambda: False)
+    text, name = data.load_text("auto", "train")
+    assert name == "stdlib" and len(text) > 1_000_000
+    assert "not reachable" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kwargs, match", [(dict(dataset="c4"), "unknown dataset 'c4'"),
                                            (dict(split="validation"), "unknown split 'validation'")])
 def test_bad_names(kwargs, match):

@@ -1,0 +1,104 @@
+"""Model loading: real names fall back to the tiny pair offline, with one clear line."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from course_lib import runtime
+from course_lib.models import hub
+
+
+@pytest.fixture(autouse=True)
+def fresh_log(monkeypatch):
+    monkeypatch.setattr(runtime, "_logged", set())
+    monkeypatch.setattr(hub, "_in_local_cache", lambda name: False)
+
+
+def test_unknown_name_lists_choices():
+    with pytest.raises(ValueError, match=r"unknown model 'gpt3'.*gpt2-medium.*tiny-draft"):
+        hub.load_model("gpt3")
+    with pytest.raises(ValueError, match="unknown role"):
+        hub.resolve("gpt2", role="teacher")
+
+
+@pytest.mark.parametrize("name, role, expected", [("gpt2", "target", "tiny"), ("gpt2-xl", "target", "tiny"),
+                                                  ("distilgpt2", "draft", "tiny-draft"), ("tiny", "target", "tiny")])
+def test_offline_resolution(monkeypatch, name, role, expected):
+    monkeypatch.setenv("COURSE_OFFLINE", "1")
+    actual, reason = hub.resolve(name, role)
+    assert actual == expected
+    if name != expected:
+        assert "offline" in reason
+
+
+def test_unreachable_hub_falls_back(monkeypatch):
+    monkeypatch.delenv("COURSE_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
+    assert hub.resolve("gpt2") == ("tiny", f"{hub.HUB_URL} is not reachable")
+
+
+def test_load_model_says_which_model_once(monkeypatch, capsys):
+    monkeypatch.setenv("COURSE_OFFLINE", "1")
+    model, tok = hub.load_model("gpt2", device="cpu")
+    model2, _ = hub.load_model("gpt2", device="cpu")
+    err = capsys.readouterr().err
+    assert err.count("using the bundled 'tiny'") == 1
+    assert model.course_name == "tiny" and "offline" in model.course_source
+    assert model.dtype == torch.float32 and not model.training
+    assert model.config.n_positions >= 512
+    assert tok("def f():")["input_ids"]
+
+
+def test_pair_shares_tokenizer_and_sizes(monkeypatch):
+    monkeypatch.setenv("COURSE_OFFLINE", "1")
+    target, draft, tok = hub.load_pair("gpt2-medium", "gpt2", device="cpu")
+    assert target.course_name == "tiny" and draft.course_name == "tiny-draft"
+    assert target.config.vocab_size == draft.config.vocab_size == len(tok)
+    n_target = sum(p.numel() for p in target.parameters())
+    n_draft = sum(p.numel() for p in draft.parameters())
+    assert 10e6 <= n_target <= 20e6, n_target
+    assert 1e6 <= n_draft <= 2e6, n_draft
+
+
+def test_bundled_weights_match_checksums():
+    """Fails if a bundled file is missing, truncated or altered."""
+    sums = (hub.TINY_DIR / "SHA256SUMS").read_text().split("\n")
+    entries = [line.split() for line in sums if line.strip()]
+    assert {Path(name).name for _, name in entries} >= {"model.safetensors", "tokenizer.json"}
+    for digest, name in entries:
+        path = hub.TINY_DIR / name
+        assert path.is_file(), f"missing bundled file {path}"
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, f"{path} does not match SHA256SUMS"
+    total = sum((hub.TINY_DIR / n).stat().st_size for _, n in entries if n.endswith(".safetensors"))
+    assert total <= 40 * 2**20
+
+
+def test_missing_files_are_clear_errors(tmp_path, monkeypatch):
+    monkeypatch.setattr(hub, "TINY_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"tokenizer missing: .*tokenizer.json"):
+        hub.load_tokenizer("tiny")
+    with pytest.raises(FileNotFoundError, match=r"weights missing: .*target.*model.safetensors"):
+        hub.load_model("tiny", device="cpu")
+
+
+def test_corrupt_weights_fail_to_load(tmp_path, monkeypatch):
+    copy = tmp_path / "tiny"
+    shutil.copytree(hub.TINY_DIR, copy)
+    weights = copy / "draft" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    monkeypatch.setattr(hub, "TINY_DIR", copy)
+    with pytest.raises(Exception):  # noqa: B017 - safetensors raises its own error type
+        hub.load_model("tiny-draft", role="draft", device="cpu")
+
+
+def test_default_names_follow_fast_mode(monkeypatch):
+    monkeypatch.setenv("COURSE_FAST", "1")
+    assert hub.default_model() == "tiny" and hub.default_pair() == ("tiny", "tiny-draft")
+    monkeypatch.setenv("COURSE_FAST", "0")
+    assert hub.default_model() == "gpt2"

@@ -28,6 +28,7 @@ HUB_MODELS = {
 }
 MODEL_NAMES = (*TINY_MODELS, *HUB_MODELS)
 ROLES = ("target", "draft")
+_CACHED = "found in the local Hugging Face cache"
 
 def default_pair() -> tuple[str, str]:
     """(target, draft) names a notebook should use: the tiny pair in fast mode, else GPT-2's."""
@@ -56,7 +57,7 @@ def resolve(name: str, role: str = "target") -> tuple[str, str]:
     if name in TINY_MODELS:
         return name, "bundled with course_lib"
     if _in_local_cache(name):
-        return name, "found in the local Hugging Face cache"
+        return name, _CACHED
     fallback = "tiny" if role == "target" else "tiny-draft"
     if is_offline():
         return fallback, "offline mode (COURSE_OFFLINE=1 or HF_HUB_OFFLINE=1)"
@@ -101,7 +102,7 @@ def load_tokenizer(name: str = "tiny"):
                 "`python -m course_lib.models.tiny.train`."
             )
         return AutoTokenizer.from_pretrained(TINY_DIR)
-    return AutoTokenizer.from_pretrained(name)
+    return AutoTokenizer.from_pretrained(name, local_files_only=_in_local_cache(name))
 
 
 def load_model(name: str = "tiny", *, role: str = "target", device: torch.device | str | None = None,
@@ -118,7 +119,8 @@ def load_model(name: str = "tiny", *, role: str = "target", device: torch.device
     if actual != name:
         log_once(f"load_model: {name!r} unavailable ({reason}); using the bundled {actual!r} instead")
     source = tiny_path(actual) if actual in TINY_MODELS else actual
-    model = GPT2LMHeadModel.from_pretrained(source, dtype=dtype)
+    local_only = actual in TINY_MODELS or reason == _CACHED
+    model = GPT2LMHeadModel.from_pretrained(source, dtype=dtype, local_files_only=local_only)
     model = model.to(device or get_device()).eval()
     model.course_name, model.course_source = actual, reason
     return model, load_tokenizer(actual)

@@ -105,7 +105,7 @@ def test_works_on_text_with_hf_and_our_model(random_hf_gpt2, tiny_draft):
         (dict(text="abc " * 50, max_length=16, stride=17), r"stride must be in \[1, max_length=16\]"),
         (dict(text="abc " * 50, max_length=99), r"max_length must be in \[2, 64\]"),
         (dict(text="abc " * 50, protocol="ppl"), "unknown protocol"),
-        (dict(text="abc", protocol="gptq", max_length=64), "at least one window of 64"),
+        (dict(text="abc " * 10, protocol="gptq", max_length=64), "at least one window of 64"),
     ],
 )
 def test_bad_input_is_a_clear_error(random_hf_gpt2, tiny_draft, kwargs, match):

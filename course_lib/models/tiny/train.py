@@ -233,7 +233,8 @@ def train_model(spec: ModelSpec, tok, train_ids, val_ids, work_dir: Path, out_di
 # --------------------------------------------------------------------------- model card
 def _sample_lines(samples: dict) -> list[str]:
     """Markdown for the recorded sample continuations (see :func:`add_samples`)."""
-    lines = ["## Samples", "", "Continuations of the exported weights, 48 new tokens each."] if samples else []
+    lines = ["## Samples", "", "Continuations of the exported weights, 48 new tokens each. Prompts end "
+             "without a trailing space, because byte-level BPE attaches the space to the next word."] if samples else []
     for name, rows in samples.items():
         for row in rows:
             for kind, label in (("greedy", "greedy"), ("sampled", "sampled, temperature 0.8, top-k 50, seed 0")):
@@ -258,7 +259,7 @@ def write_card(out_dir: Path) -> Path:
         "## Data",
         "",
         f"- Corpus: `.py` files of the Python {info['python']} standard library "
-        "(tests and site-packages excluded).",
+        "(tests, site-packages, codec tables and pydoc's topic text excluded: see `course_lib.data`).",
         f"- Training split: {info['train_files']} files, {info['train_tokens']:,} tokens.",
         f"- Held-out split (validation and the course's offline evaluation text): "
         f"{info['val_files']} modules, {info['val_tokens']:,} tokens: "
@@ -303,6 +304,8 @@ def write_card(out_dir: Path) -> Path:
         "",
         "- Trained on a few million tokens on a CPU: expect plausible-looking Python with "
         "frequent nonsense, not working code.",
+        "- Greedy decoding falls into repetition loops, as small language models do; the sampled "
+        "continuations above show what they learned.",
         "- Perplexities here are on Python source and are not comparable with GPT-2's on WikiText-2.",
     ]
     path = out_dir / "MODEL_CARD.md"
@@ -310,7 +313,9 @@ def write_card(out_dir: Path) -> Path:
     return path
 
 
-SAMPLE_PROMPTS = ("def ", "import os\n\n\nclass ")
+#: Prompts end without a trailing space: byte-level BPE attaches a space to the word after it
+#: (" name"), so a prompt ending in a bare space asks for a token sequence training never shows.
+SAMPLE_PROMPTS = ("def", "import os\n\n\nclass", "    def __init__(self")
 
 
 @torch.no_grad()

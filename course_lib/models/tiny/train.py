@@ -9,7 +9,7 @@ sees the same batches as one that never stopped.
     python -m course_lib.models.tiny.train                 # tokenizer, draft, target, card
     python -m course_lib.models.tiny.train --only draft --steps 200
     python -m course_lib.models.tiny.train --max-minutes 60   # stop with a checkpoint; rerun resumes
-    python -m course_lib.models.tiny.train --card-only      # rewrite MODEL_CARD.md from logs
+    python -m course_lib.models.tiny.train --card-only      # samples, MODEL_CARD.md, SHA256SUMS from the log
 
 Checkpoints and the step log go to ``--work-dir`` (default ``runs/tiny``); the exported fp16
 safetensors, tokenizer, ``training_log.json`` and ``MODEL_CARD.md`` go to ``--out-dir`` (default:
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work-dir", type=Path, default=Path("runs/tiny"))
     parser.add_argument("--out-dir", type=Path, default=PACKAGE_DIR)
     parser.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this long; rerun to resume")
-    parser.add_argument("--card-only", action="store_true", help="only rewrite MODEL_CARD.md and SHA256SUMS")
+    parser.add_argument("--card-only", action="store_true", help="only re-record the samples and rewrite MODEL_CARD.md and SHA256SUMS")
     args = parser.parse_args(argv)
 
     if args.card_only:
@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed, context=CONTEXT, vocab_size=len(tok),
         train_files=len(stdlib_files("train")), val_files=len(stdlib_files("test")),
         train_tokens=int(train_ids.numel()), val_tokens=int(val_ids.numel()),
-        heldout_modules=[m for m in HELDOUT_MODULES],
+        heldout_modules=list(HELDOUT_MODULES),
     )
     for name in ("draft", "target"):
         if args.only and name != args.only:

@@ -1,0 +1,1 @@
+"""Quantization: affine math, observers, quantized layers, PTQ, GPTQ and AWQ."""

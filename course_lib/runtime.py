@@ -8,8 +8,8 @@ Environment variables:
 - ``COURSE_DEVICE``: force a device ("cpu", "cuda", "cuda:1", "mps").
 - ``COURSE_FAST=1``: small shapes and the bundled tiny models, for CI and laptops.
 - ``COURSE_OFFLINE=1``: never try the model or dataset hub (also ``HF_HUB_OFFLINE=1``).
-- ``TRITON_INTERPRET``: set to 1 by :func:`triton_mode` when there is no CUDA, *before* Triton
-  is imported, so Triton kernels run on the CPU through Triton's interpreter.
+- ``TRITON_INTERPRET``: set to 1 by :func:`triton_mode` when there is no CUDA, before the
+  course's kernels are defined, so they run on the CPU through Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -74,19 +74,15 @@ def triton_mode() -> str:
 
     "torch" means Triton is not installed (e.g. macOS or Windows): every kernel has a torch
     reference twin and the launchers call it instead. In "interpret" mode this function sets
-    ``TRITON_INTERPRET=1``; it must therefore run before ``triton`` is first imported, which
-    :mod:`course_lib.kernels` guarantees by calling it on import.
+    ``TRITON_INTERPRET=1``. Triton reads that variable when a kernel is decorated with
+    ``@triton.jit``, not when Triton is imported (transformers imports it early), so it only
+    has to run before :mod:`course_lib.kernels` defines its kernels, which that package
+    guarantees by calling it on import.
     """
     if importlib.util.find_spec("triton") is None:
         return "torch"
     if has_cuda():
         return "interpret" if _env_flag("TRITON_INTERPRET") else "native"
-    if "triton" in sys.modules and not _env_flag("TRITON_INTERPRET"):
-        log_once(
-            "runtime: triton was imported before course_lib set TRITON_INTERPRET=1; "
-            "kernels fall back to torch. Import course_lib first (or set TRITON_INTERPRET=1)."
-        )
-        return "torch"
     os.environ["TRITON_INTERPRET"] = "1"
     return "interpret"
 

@@ -47,6 +47,17 @@ def test_triton_interpreter_is_set_before_import():
     assert out == "interpret 1"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
+def test_interpreter_works_when_triton_was_imported_first():
+    """transformers imports triton early; kernels defined afterwards must still interpret."""
+    pytest.importorskip("triton")
+    out = _python("import triton, triton.language as tl, torch; from course_lib import runtime; "
+                  "m = runtime.triton_mode()\n"
+                  "@triton.jit\ndef k(p):\n    tl.store(p, tl.load(p) + 1)\n"
+                  "x = torch.zeros(1); k[(1,)](x); print(m, x.item())", COURSE_DEVICE="cpu")
+    assert out == "interpret 1.0"
+
+
 def test_torch_fallback_without_triton(monkeypatch):
     import importlib.util
 

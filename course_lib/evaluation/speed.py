@@ -1,0 +1,79 @@
+"""Timing that is fair to compare: warm-up, device sync, median of repeats, same prompt.
+
+Used by the quantization report (tokens per second of each model variant, measured in the
+same run) and by the benchmarks.
+"""
+
+from __future__ import annotations
+
+import inspect
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work so a timer measures it (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 3,
+                   device: torch.device | str = "cpu", warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` untimed runs."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def greedy_decode(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy decoding with a KV cache, for HF GPT-2 and `course_lib.models.gpt.GPT`.
+
+    A plain forward loop (no logits processors or stopping criteria) so that what is timed is
+    the model itself. Returns the ``new_tokens`` generated ids, [batch, new_tokens].
+    """
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
+    out_ids = []
+    if hasattr(model, "new_cache"):  # course_lib.models.gpt.GPT
+        cache = model.new_cache(prompt.shape[0], prompt.shape[1] + new_tokens)
+        token = model(prompt, cache)[:, -1:].argmax(-1)
+        for _ in range(new_tokens - 1):
+            out_ids.append(token)
+            token = model(token, cache)[:, -1:].argmax(-1)
+    else:
+        # transformers 5 renamed `past_key_values` to `cache` (argument and output field)
+        key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        out = model(prompt, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        for _ in range(new_tokens - 1):
+            out_ids.append(token)
+            out = model(token, use_cache=True, **{key: out[key]})
+            token = out.logits[:, -1:].argmax(-1)
+    out_ids.append(token)
+    return torch.cat(out_ids, dim=1)
+
+
+def decode_tokens_per_second(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int = 32,
+                             repeats: int = 3) -> float:
+    """Batch-1-style decode speed: generated tokens per second of `greedy_decode`."""
+    seconds = median_seconds(lambda: greedy_decode(model, prompt, new_tokens), repeats,
+                             _model_device(model))
+    return prompt.shape[0] * new_tokens / seconds

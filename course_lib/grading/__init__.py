@@ -1,0 +1,103 @@
+"""Checks for the exercise notebooks, and the task list a grader runs.
+
+In a notebook, a self-check cell calls one check with the learner's function or class::
+
+    from course_lib.grading import check_symmetric_quantize
+    check_symmetric_quantize(symmetric_quantize)
+    # ✓ symmetric quantize: passed (2/2 points)
+
+A check prints one line, returns a :class:`CheckResult`, and raises ``AssertionError`` when the
+answer is wrong (pass ``raise_on_fail=False`` to only get the result). A function that still
+raises ``NotImplementedError`` is reported as "not implemented yet"; any other exception the
+learner's code raises is reported with its type and message, never as a crash of the check.
+
+:data:`TASKS` lists every graded task: which notebook, which names the learner defines there,
+the check and its points. :func:`grade` runs the tasks of a notebook on a namespace (e.g. the
+globals of an executed submission).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from course_lib.grading.checks import (
+    check_asymmetric_quantize,
+    check_conv1d_to_linear,
+    check_dequantize,
+    check_int8_linear,
+    check_minmax_observer,
+    check_pack_int4,
+    check_per_group_quantize,
+    check_symmetric_quantize,
+)
+from course_lib.grading.core import CheckResult
+
+__all__ = [
+    "TASKS",
+    "CheckResult",
+    "Task",
+    "check_asymmetric_quantize",
+    "check_conv1d_to_linear",
+    "check_dequantize",
+    "check_int8_linear",
+    "check_minmax_observer",
+    "check_pack_int4",
+    "check_per_group_quantize",
+    "check_symmetric_quantize",
+    "grade",
+    "total_points",
+]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One graded exercise: the notebook it is in, the names it defines, and its check."""
+
+    notebook: str
+    names: tuple[str, ...]  # what the learner defines, passed to the check in this order
+    check: Callable[..., CheckResult]
+
+    @property
+    def points(self) -> int:
+        return self.check.points
+
+
+TASKS: dict[str, Task] = {
+    "01.symmetric_quantize": Task("01_quantization_math", ("symmetric_quantize",),
+                                  check_symmetric_quantize),
+    "01.dequantize": Task("01_quantization_math", ("dequantize",), check_dequantize),
+    "01.asymmetric_quantize": Task("01_quantization_math", ("asymmetric_quantize",),
+                                   check_asymmetric_quantize),
+    "01.per_group_quantize": Task("01_quantization_math", ("per_group_quantize",),
+                                  check_per_group_quantize),
+    "01.pack_int4": Task("01_quantization_math", ("pack_int4", "unpack_int4"), check_pack_int4),
+    "02.minmax_observer": Task("02_post_training_quantization", ("MinMaxObserver",),
+                               check_minmax_observer),
+    "02.int8_linear": Task("02_post_training_quantization", ("Int8Linear",), check_int8_linear),
+    "02.conv1d_to_linear": Task("02_post_training_quantization", ("conv1d_to_linear",),
+                                check_conv1d_to_linear),
+}
+
+
+def total_points(notebook: str | None = None) -> int:
+    """Points available in one notebook (by stem, e.g. "01_quantization_math"), or in all."""
+    return sum(t.points for t in TASKS.values() if notebook in (None, t.notebook))
+
+
+def grade(namespace: Mapping[str, object], notebook: str) -> list[CheckResult]:
+    """Run every task of ``notebook`` on the learner's definitions found in ``namespace``.
+
+    A name the learner never defined counts as a failed task (0 points); nothing raises.
+    """
+    results = []
+    for task in (t for t in TASKS.values() if t.notebook == notebook):
+        missing = [name for name in task.names if name not in namespace]
+        if missing:
+            result = CheckResult(task.check.task_name, False, 0, task.points,
+                                 f"{', '.join(missing)} is not defined")
+            print(result)
+        else:
+            result = task.check(*(namespace[name] for name in task.names), raise_on_fail=False)
+        results.append(result)
+    return results

@@ -1,0 +1,363 @@
+"""Checks for the exercises of chapters 1 and 2 (quantization math, post-training quantization).
+
+Each check runs the learner's function on known answers (the source chapter's worked example
+first) and on seeded random tensors of odd shapes compared with `course_lib.quant`, and reports
+one line (see `course_lib.grading.core`). Conventions are the library's (`quant.affine`):
+
+* symmetric: ``scale = max|x| / (2^(b-1) - 1)``, signed codes in ``[-(2^(b-1) - 1), 2^(b-1) - 1]``
+  stored as int8;
+* asymmetric: range widened to include 0, ``scale = (xmax - xmin) / (2^b - 1)``,
+  ``zero = round(-xmin / scale)``, unsigned codes in ``[0, 2^b - 1]`` stored as uint8;
+* a range of all zeros gets ``scale = 1`` (and zero 0);
+* ``torch.round`` (half to even) and a true division ``x / scale`` in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from course_lib.grading.core import (
+    Context,
+    as_tensor,
+    check,
+    describe,
+    expect_close,
+    expect_codes,
+    expect_scalar,
+    expect_tensor,
+    unpack_tuple,
+)
+from course_lib.quant import affine
+
+WORKED_EXAMPLE = [-2.5, -1.0, 0.0, 1.2, 3.8]
+WORKED_CODES = [-84, -33, 0, 40, 127]  # the chapter's int8 symmetric result, scale 3.8 / 127
+
+POINTS = {
+    "symmetric_quantize": 2,
+    "dequantize": 1,
+    "asymmetric_quantize": 2,
+    "per_group_quantize": 3,
+    "pack_int4": 2,
+    "minmax_observer": 2,
+    "int8_linear": 3,
+    "conv1d_to_linear": 1,
+}
+
+
+def _randn(gen: torch.Generator, *shape: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen) * scale + shift
+
+
+def _label(label: str, x: torch.Tensor, bits: int) -> str:
+    """'worked example [-2.5, -1, 0, 1.2, 3.8], bits=8': small inputs are shown in full."""
+    values = " [" + ", ".join(f"{v:g}" for v in x.tolist()) + "]" if x.numel() <= 8 else ""
+    return f"{label}{values}, bits={bits}"
+
+
+def _zero_value(ctx: Context, zero, want: torch.Tensor, what: str) -> torch.Tensor:
+    """The learner's zero-point(s) as int64, after checking they are whole numbers."""
+    zero = as_tensor(ctx, zero, what)
+    if zero.is_floating_point():
+        if not torch.isfinite(zero).all() or (zero != zero.round()).any():
+            bad = zero.reshape(-1)[0].item()
+            ctx.fail(f"{what} must be a whole number (the code that stands for 0.0), got {bad:g}; "
+                     "round it")
+    if zero.numel() == 1 and want.numel() == 1:
+        zero = zero.reshape(want.shape)
+    return zero.to(torch.int64)
+
+
+# --- chapter 1: quantization math ------------------------------------------------------------
+
+
+@check("symmetric quantize", POINTS["symmetric_quantize"])
+def check_symmetric_quantize(ctx: Context, fn) -> None:
+    """``fn(x, bits) -> (q, scale)``: per-tensor symmetric codes (int8) and one float scale."""
+    gen = torch.Generator().manual_seed(101)
+    cases = [
+        ("worked example", torch.tensor(WORKED_EXAMPLE), 8),
+        ("largest magnitude is negative", torch.tensor([-5.0, 0.5, 2.0]), 8),
+        ("all zeros", torch.zeros(6), 8),
+        ("random (7,) bits=8", _randn(gen, 7), 8),
+        ("random (3, 5) bits=4", _randn(gen, 3, 5, scale=0.1), 4),
+        ("random (2, 3, 17) bits=3", _randn(gen, 2, 3, 17, scale=3.0, shift=1.0), 3),
+        ("random (33, 65) bits=8", _randn(gen, 33, 65, scale=0.02), 8),
+    ]
+    for label, x, bits in cases:
+        ctx.case = _label(label, x, bits)
+        want_q, params = affine.quantize(x, bits, "symmetric")
+        if label == "worked example":  # the chapter's numbers, stated literally
+            want_q, params.scale = torch.tensor(WORKED_CODES), torch.tensor(3.8 / 127)
+        q, scale = unpack_tuple(ctx, fn(x.clone(), bits), 2, "q, scale")
+        qmax = 2 ** (bits - 1) - 1
+        hint = " (= 1 for an all-zero tensor)" if x.abs().max() == 0 else f" (= max|x| / {qmax})"
+        expect_scalar(ctx, scale, params.scale, "scale", hint=hint)
+        q = expect_tensor(ctx, q, "q", shape=tuple(x.shape), dtype=torch.int8)
+        expect_codes(ctx, q, want_q, exact=x.numel() < 200)
+
+
+@check("dequantize", POINTS["dequantize"])
+def check_dequantize(ctx: Context, fn) -> None:
+    """``fn(q, scale, zero) -> (q - zero) * scale`` as float32, broadcasting scale and zero."""
+    gen = torch.Generator().manual_seed(102)
+    q_sym = torch.tensor(WORKED_CODES, dtype=torch.int8)
+    q_asym, p_asym = affine.quantize(_randn(gen, 4, 9), 8, "asymmetric")
+    w = _randn(gen, 5, 24)
+    q_grp, p_grp = affine.quantize(w, 4, "asymmetric", "per_group", group_size=8)
+    q_grp3 = q_grp.reshape(5, 3, 8)
+    cases = [
+        ("worked example codes, scale 3.8/127, zero 0", q_sym, torch.tensor(3.8 / 127), torch.tensor(0)),
+        ("uint8 codes with an int32 zero-point", q_asym, p_asym.scale, p_asym.zero_point),
+        ("uint8 codes with a uint8 zero-point (uint8 - uint8 wraps around!)", q_asym, p_asym.scale,
+         p_asym.zero_point.to(torch.uint8)),
+        ("per-group codes [5, 3, 8] with scale and zero [5, 3, 1]", q_grp3,
+         p_grp.scale[..., None], p_grp.zero_point[..., None].to(torch.uint8)),
+    ]
+    for label, q, scale, zero in cases:
+        ctx.case = label
+        want = (q.float() - zero.float()) * scale.float()
+        got = expect_tensor(ctx, fn(q.clone(), scale.clone(), zero.clone()), "result",
+                            shape=tuple(q.shape), dtype=torch.float32)
+        expect_close(ctx, got, want, "dequantized values")
+
+
+@check("asymmetric quantize", POINTS["asymmetric_quantize"])
+def check_asymmetric_quantize(ctx: Context, fn) -> None:
+    """``fn(x, bits) -> (q, scale, zero)``: per-tensor asymmetric codes (uint8), scale, zero-point."""
+    gen = torch.Generator().manual_seed(103)
+    cases = [
+        ("worked example", torch.tensor(WORKED_EXAMPLE), 8),
+        ("all positive (ReLU output)", torch.tensor([0.0, 0.3, 1.1, 2.0]), 4),
+        ("all negative", torch.tensor([-3.0, -1.0]), 8),
+        ("all zeros", torch.zeros(5), 8),
+        ("random (7,) bits=8", _randn(gen, 7, shift=0.5), 8),
+        ("random (3, 5) bits=4", _randn(gen, 3, 5, scale=0.1, shift=-0.05), 4),
+        ("random positive (2, 3, 17) bits=3", _randn(gen, 2, 3, 17).abs() + 0.5, 3),
+        ("random (33, 65) bits=8", _randn(gen, 33, 65, scale=0.5, shift=1.0), 8),
+    ]
+    for label, x, bits in cases:
+        ctx.case = _label(label, x, bits)
+        want_q, params = affine.quantize(x, bits, "asymmetric")
+        q, scale, zero = unpack_tuple(ctx, fn(x.clone(), bits), 3, "q, scale, zero")
+        qmax = 2**bits - 1
+        hint = " (= 1 for an all-zero tensor)" if x.abs().max() == 0 else \
+            f" (= (max(xmax, 0) - min(xmin, 0)) / {qmax})"
+        expect_scalar(ctx, scale, params.scale, "scale", hint=hint)
+        zero = _zero_value(ctx, zero, params.zero_point, "zero")
+        if zero.numel() != 1 or zero.item() != params.zero_point.item():
+            ctx.fail(f"zero: expected {params.zero_point.item()} (= round(-min(xmin, 0) / scale)), "
+                     f"got {zero.reshape(-1).tolist()[:4]}")
+        q = expect_tensor(ctx, q, "q", shape=tuple(x.shape), dtype=torch.uint8)
+        expect_codes(ctx, q, want_q, exact=x.numel() < 200)
+
+
+@check("per-group quantize", POINTS["per_group_quantize"])
+def check_per_group_quantize(ctx: Context, fn) -> None:
+    """``fn(w, bits, group_size) -> (q, scales, zeros)``: asymmetric, groups along the last dim.
+
+    ``w`` is [N, K]; ``q`` is uint8 [N, K]; ``scales`` and ``zeros`` are [N, K / group_size].
+    """
+    gen = torch.Generator().manual_seed(104)
+    outliers = _randn(gen, 6, 32, scale=0.02)
+    outliers[:, 5] *= 40.0  # one outlier input channel
+    dead = _randn(gen, 4, 16)
+    dead[1] = 0.0  # a dead row: its groups are all zeros
+    cases = [
+        ("worked example twice, [2, 5], group 5", torch.tensor([WORKED_EXAMPLE, WORKED_EXAMPLE[::-1]]), 8, 5),
+        ("[6, 32] with an outlier column, group 8", outliers, 4, 8),
+        ("[4, 16] with an all-zero row, group 4", dead, 4, 4),
+        ("random [3, 40], group 40 (one group per row)", _randn(gen, 3, 40), 4, 40),
+        ("random [5, 24], group 8, 3 bits", _randn(gen, 5, 24, shift=0.3), 3, 8),
+        ("random [48, 256], group 128", _randn(gen, 48, 256, scale=0.05), 4, 128),
+        ("random [16, 96], group 32, 8 bits", _randn(gen, 16, 96), 8, 32),
+    ]
+    for label, w, bits, group in cases:
+        ctx.case = f"{label}, bits={bits}"
+        want_q, params = affine.quantize(w, bits, "asymmetric", "per_group", group_size=group)
+        n, k = w.shape
+        groups = (n, k // group)
+        q, scales, zeros = unpack_tuple(ctx, fn(w.clone(), bits, group), 3, "q, scales, zeros")
+        scales = expect_tensor(ctx, scales, "scales", shape=groups)
+        if not scales.is_floating_point():
+            ctx.fail(f"scales must be a float tensor, got {scales.dtype}")
+        expect_close(ctx, scales, params.scale, "scales", rtol=1e-5, atol=0.0)
+        zeros = _zero_value(ctx, expect_tensor(ctx, zeros, "zeros", shape=groups), params.zero_point, "zeros")
+        expect_codes(ctx, zeros, params.zero_point, what="zeros")
+        q = expect_tensor(ctx, q, "q", shape=(n, k), dtype=torch.uint8)
+        expect_codes(ctx, q, want_q, exact=w.numel() < 200)
+
+
+@check("int4 packing", POINTS["pack_int4"])
+def check_pack_int4(ctx: Context, pack_fn, unpack_fn) -> None:
+    """``pack_fn(codes [..., K] uint8) -> int32 [..., K/8]`` (code k at bits 4*(k % 8)) and back."""
+    gen = torch.Generator().manual_seed(105)
+    known = [
+        ("codes 0..7 -> 0x76543210", [0, 1, 2, 3, 4, 5, 6, 7], [0x76543210]),
+        ("eight 15s -> all bits set (-1 as int32)", [15] * 8, [-1]),
+        ("an 8 in the last slot -> the sign bit (-2**31)", [0] * 7 + [8], [-(2**31)]),
+        ("two words: 1 first, 2 last", [1] + [0] * 14 + [2], [1, 2 << 28]),
+    ]
+    for label, codes, words in known:
+        ctx.case = f"pack_int4 {label}"
+        c = torch.tensor([codes], dtype=torch.uint8)
+        got = expect_tensor(ctx, pack_fn(c.clone()), "packed", shape=(1, len(words)), dtype=torch.int32)
+        if got[0].tolist() != words:
+            ctx.fail(f"expected words {[hex(w & 0xFFFFFFFF) for w in words]}, got "
+                     f"{[hex(w & 0xFFFFFFFF) for w in got[0].tolist()]} (code k goes to bits "
+                     "4*(k % 8): the first code in the lowest nibble)")
+        ctx.case = f"unpack_int4 of {label.split(' -> ')[0]}"
+        back = expect_tensor(ctx, unpack_fn(torch.tensor([words], dtype=torch.int32)), "unpacked",
+                             shape=(1, len(codes)), dtype=torch.uint8)
+        expect_codes(ctx, back, c)
+    for shape in [(3, 16), (2, 5, 24), (1, 8), (7, 64)]:
+        ctx.case = f"random codes of shape {shape}"
+        codes = torch.randint(0, 16, shape, generator=gen, dtype=torch.uint8)
+        want = affine.pack_int4(codes)
+        packed = expect_tensor(ctx, pack_fn(codes.clone()), "packed", shape=tuple(want.shape),
+                               dtype=torch.int32)
+        expect_codes(ctx, packed, want, what="packed words")
+        back = expect_tensor(ctx, unpack_fn(want.clone()), "unpack_int4(packed)", shape=shape,
+                             dtype=torch.uint8)
+        expect_codes(ctx, back, codes, what="unpacked codes")
+
+
+# --- chapter 2: post-training quantization ---------------------------------------------------
+
+
+def _reference_qparams(xmin: float, xmax: float, bits: int, scheme: str):
+    return affine.qparams_from_range(torch.tensor(xmin), torch.tensor(xmax), bits, scheme)
+
+
+@check("min-max observer", POINTS["minmax_observer"])
+def check_minmax_observer(ctx: Context, cls) -> None:
+    """``cls()`` with ``observe(x)``, ``range() -> (xmin, xmax)``, ``qparams(bits, scheme)``.
+
+    The range is over *every* batch observed; qparams follow `affine.qparams_from_range`.
+    """
+    gen = torch.Generator().manual_seed(106)
+    spiky = _randn(gen, 3, 5)
+    spiky[1, 2] = -9.0  # the minimum is in the first batch ...
+    late = _randn(gen, 11)
+    late[4] = 7.5  # ... and the maximum in the last
+    relu = [_randn(gen, 4, 6).clamp(min=0) + 0.1, _randn(gen, 2, 3, 7).clamp(min=0) + 0.2]
+    cases = [
+        ("one batch, the worked example", [torch.tensor(WORKED_EXAMPLE)]),
+        ("three batches [3, 5], [2, 7, 4], [11] (min in the first, max in the last)",
+         [spiky, _randn(gen, 2, 7, 4), late]),
+        ("two all-positive batches (ReLU activations)", relu),
+        ("twenty batches of random [4, 9]", [_randn(gen, 4, 9, scale=0.3 + i / 10) for i in range(20)]),
+    ]
+    for label, batches in cases:
+        ctx.case = label
+        observer = cls()
+        for batch in batches:
+            observer.observe(batch.clone())
+        xmin = min(b.min().item() for b in batches)
+        xmax = max(b.max().item() for b in batches)
+        lo, hi = unpack_tuple(ctx, observer.range(), 2, "xmin, xmax")
+        expect_scalar(ctx, lo, torch.tensor(xmin), "range()[0] (xmin)", rtol=1e-6,
+                      hint=" (the smallest value over all batches)")
+        expect_scalar(ctx, hi, torch.tensor(xmax), "range()[1] (xmax)", rtol=1e-6,
+                      hint=" (the largest value over all batches)")
+        for bits, scheme in [(8, "symmetric"), (8, "asymmetric"), (4, "asymmetric")]:
+            ctx.case = f"{label}, qparams(bits={bits}, scheme={scheme!r})"
+            scale, zero = unpack_tuple(ctx, observer.qparams(bits, scheme), 2, "scale, zero")
+            want_scale, want_zero = _reference_qparams(xmin, xmax, bits, scheme)
+            expect_scalar(ctx, scale, want_scale, "scale")
+            zero = _zero_value(ctx, zero, want_zero, "zero")
+            if zero.numel() != 1 or zero.item() != want_zero.item():
+                ctx.fail(f"zero: expected {want_zero.item()}, got {zero.reshape(-1).tolist()[:4]}")
+
+
+def _seeded_linear(k: int, n: int, bias: bool, seed: int) -> nn.Linear:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layer = nn.Linear(k, n, bias=bias)
+        with torch.no_grad():
+            layer.weight[n // 3] *= 20.0  # an output channel with a much larger range
+            if bias:
+                layer.bias.normal_(0.0, 0.5)
+    return layer
+
+
+def _float_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    found = list(module.state_dict().items())
+    found += [(name, v) for name, v in vars(module).items() if isinstance(v, torch.Tensor)]
+    return [(name, t) for name, t in found if t.is_floating_point()]
+
+
+@check("int8 weight-only linear", POINTS["int8_linear"])
+def check_int8_linear(ctx: Context, cls) -> None:
+    """``cls(linear)``: ``qweight`` int8 [N, K], ``scales`` [N], bias kept, forward ≈ QuantLinear."""
+    from course_lib.quant.qlinear import QuantLinear
+
+    gen = torch.Generator().manual_seed(107)
+    for k, n, bias, seed in [(37, 23, True, 1), (64, 48, False, 2), (16, 5, True, 3)]:
+        ctx.case = f"nn.Linear({k}, {n}, bias={bias})"
+        linear = _seeded_linear(k, n, bias, seed)
+        original = {name: t.clone() for name, t in linear.state_dict().items()}
+        layer = cls(linear)
+        if not isinstance(layer, nn.Module):
+            ctx.fail(f"{cls.__name__}(linear) should be an nn.Module, got {type(layer).__name__}")
+        for name, t in linear.state_dict().items():
+            if not torch.equal(t, original[name]):
+                ctx.fail(f"building the layer changed the float layer's {name}; work on a copy")
+        reference = QuantLinear.from_float(linear, bits=8, backend="torch")
+        qweight = expect_tensor(ctx, getattr(layer, "qweight", None), "self.qweight",
+                                shape=(n, k), dtype=torch.int8)
+        expect_codes(ctx, qweight, reference.qweight, what="qweight codes", exact=False)
+        scales = expect_tensor(ctx, getattr(layer, "scales", None), "self.scales")
+        if scales.numel() != n:
+            ctx.fail(f"self.scales should hold one scale per output channel ({n}), got {describe(scales)}")
+        expect_close(ctx, scales.reshape(n).float(), reference.scales, "scales (max|row| / 127)",
+                     rtol=1e-5, atol=0.0)
+        for name, t in _float_tensors(layer):
+            if t.numel() >= n * k:
+                ctx.fail(f"the layer still holds a float tensor {name!r} ({describe(t)}); keep only "
+                         "the int8 codes, the scales and the bias")
+        for shape in [(4, k), (2, 3, k)]:
+            x = _randn(gen, *shape)
+            ctx.case = f"nn.Linear({k}, {n}, bias={bias}), input {shape}"
+            with torch.no_grad():
+                got = expect_tensor(ctx, layer(x.clone()), "output", shape=(*shape[:-1], n))
+                want = reference(x)
+                exact = linear(x)
+            expect_close(ctx, got.float(), want, "output vs QuantLinear.from_float(bits=8)",
+                         rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+            rel = ((got.float() - exact).norm() / exact.norm()).item()
+            if rel > 0.02:
+                ctx.fail(f"output is {rel:.1%} away from the float layer's (expected < 2%)")
+
+
+@check("Conv1D to nn.Linear", POINTS["conv1d_to_linear"])
+def check_conv1d_to_linear(ctx: Context, fn) -> None:
+    """``fn(conv1d) -> nn.Linear`` computing the same function (HF Conv1D stores weight [in, out])."""
+    from transformers.pytorch_utils import Conv1D
+
+    gen = torch.Generator().manual_seed(108)
+    for k, n in [(12, 20), (16, 16), (7, 3)]:
+        ctx.case = f"Conv1D(nf={n}, nx={k}) (in {k}, out {n}, weight [{k}, {n}])"
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(k * 100 + n)
+            conv = Conv1D(n, k)
+            with torch.no_grad():
+                conv.weight.normal_()
+                conv.bias.normal_()
+        original = conv.weight.detach().clone()
+        linear = fn(conv)
+        if not isinstance(linear, nn.Linear):
+            ctx.fail(f"expected an nn.Linear, got {type(linear).__name__}")
+        if (linear.in_features, linear.out_features) != (k, n):
+            ctx.fail(f"expected in_features={k}, out_features={n}, got "
+                     f"{linear.in_features}, {linear.out_features}")
+        expect_tensor(ctx, linear.weight, "linear.weight", shape=(n, k))
+        if linear.bias is None:
+            ctx.fail("the Linear has no bias; copy the Conv1D's bias")
+        if not torch.equal(conv.weight.detach(), original):
+            ctx.fail("the Conv1D's weight was changed; copy it instead")
+        x = _randn(gen, 2, 4, k)
+        with torch.no_grad():
+            got = expect_tensor(ctx, linear(x), "Linear output")
+            want = conv(x)
+        expect_close(ctx, got.float(), want, "Linear output vs Conv1D output", rtol=1e-5, atol=1e-5)

@@ -1,0 +1,189 @@
+"""The machinery every check shares: results, one-line reports, and tensor comparisons.
+
+A check is written as a plain function that runs the learner's code on some cases and calls
+``ctx.fail("...")`` when something differs; the :func:`check` decorator turns it into the
+function a notebook calls. That function never crashes on the learner's mistakes: it prints
+one line (``✓ task: passed (N/N points)`` or ``✗ task: what differs``), returns a
+:class:`CheckResult`, and, unless ``raise_on_fail=False``, raises ``AssertionError`` on a
+failure so that nbval notices a solution notebook that stopped passing.
+"""
+
+from __future__ import annotations
+
+import functools
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+_HERE = Path(__file__).resolve().parent
+_TORCH_DIR = Path(torch.__file__).resolve().parent
+
+
+@dataclass
+class CheckResult:
+    """Outcome of one check: all-or-nothing points, and a message saying what differed."""
+
+    name: str
+    passed: bool
+    points: int
+    max_points: int
+    message: str
+
+    def _ipython_display_(self) -> None:
+        """Show nothing: the check has already printed its line (a cell ending in a check
+        would otherwise show the result twice). ``print(result)`` still shows it."""
+
+    def __str__(self) -> str:
+        if self.passed:
+            return f"✓ {self.name}: passed ({self.points}/{self.max_points} points)"
+        return f"✗ {self.name}: {self.message} ({self.points}/{self.max_points} points)"
+
+
+class Mismatch(Exception):
+    """The learner's answer differs from the expected one; the message says how."""
+
+
+class Context:
+    """What a check is doing right now (the case), so every message can name it."""
+
+    def __init__(self) -> None:
+        self.case: str | None = None
+
+    def fail(self, what: str) -> None:
+        raise Mismatch(f"{self.case}: {what}" if self.case else what)
+
+
+def _where(exc: BaseException) -> str:
+    """' (line N in f)' for the innermost frame of the learner's code, '' when unknown."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        path = Path(frame.filename)
+        if _HERE in path.parents or _TORCH_DIR in path.parents or "site-packages" in path.parts:
+            continue
+        return f" (line {frame.lineno} in {frame.name})"
+    return ""
+
+
+def run_check(name: str, points: int, body: Callable[..., None], *learner) -> CheckResult:
+    """Run ``body(ctx, *learner)`` and turn whatever happens into a CheckResult."""
+    ctx = Context()
+    try:
+        body(ctx, *learner)
+    except NotImplementedError:
+        return CheckResult(name, False, 0, points, "not implemented yet (replace `raise "
+                           "NotImplementedError()` with your solution)")
+    except Mismatch as exc:
+        return CheckResult(name, False, 0, points, str(exc))
+    except Exception as exc:  # the learner's code failed: report it, never crash the check
+        case = f"{ctx.case}: " if ctx.case else ""
+        return CheckResult(name, False, 0, points,
+                           f"{case}your code raised {type(exc).__name__}: {exc}{_where(exc)}")
+    return CheckResult(name, True, points, points, "")
+
+
+def check(name: str, points: int):
+    """Decorator: turn ``body(ctx, *learner)`` into ``check_x(*learner, raise_on_fail=True)``."""
+
+    def decorate(body: Callable[..., None]) -> Callable[..., CheckResult]:
+        @functools.wraps(body)
+        def run(*learner, raise_on_fail: bool = True) -> CheckResult:
+            result = run_check(name, points, body, *learner)
+            print(result)
+            if not result.passed and raise_on_fail:
+                raise AssertionError(str(result))
+            return result
+
+        run.task_name = name
+        run.points = points
+        return run
+
+    return decorate
+
+
+# --- comparisons -----------------------------------------------------------------------------
+
+
+def describe(t: torch.Tensor) -> str:
+    """'shape (3, 5), torch.int8' for messages."""
+    return f"shape {tuple(t.shape)}, {t.dtype}"
+
+
+def as_tensor(ctx: Context, value, what: str) -> torch.Tensor:
+    """``value`` as a CPU tensor; a plain Python number is accepted (a 0-dim tensor)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(value)
+    ctx.fail(f"{what} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def unpack_tuple(ctx: Context, out, n: int, names: str) -> tuple:
+    """Check that a function returned a tuple of ``n`` items (``names`` says which)."""
+    if not isinstance(out, (tuple, list)) or len(out) != n:
+        got = f"a {len(out)}-tuple" if isinstance(out, (tuple, list)) else type(out).__name__
+        ctx.fail(f"expected a tuple ({names}), got {got}")
+    return tuple(out)
+
+
+def expect_tensor(ctx: Context, got, what: str, shape: tuple[int, ...] | None = None,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``got`` must be a tensor (of ``shape`` and ``dtype`` when given); return it on the CPU."""
+    if not isinstance(got, torch.Tensor):
+        ctx.fail(f"{what} must be a torch.Tensor, got {type(got).__name__}")
+    got = got.detach().cpu()
+    if shape is not None and tuple(got.shape) != tuple(shape):
+        ctx.fail(f"{what} has shape {tuple(got.shape)}, expected {tuple(shape)}")
+    if dtype is not None and got.dtype != dtype:
+        ctx.fail(f"{what} has dtype {got.dtype}, expected {dtype}")
+    return got
+
+
+def expect_scalar(ctx: Context, got, want: torch.Tensor, what: str, rtol: float = 1e-5,
+                  hint: str = "") -> torch.Tensor:
+    """A one-element answer (tensor of any shape with one element, or a number) close to ``want``."""
+    got = as_tensor(ctx, got, what)
+    if got.numel() != 1:
+        ctx.fail(f"{what} should be one number (per tensor), got {describe(got)}")
+    g, w = got.double().reshape(()), want.double().reshape(())
+    if not torch.isfinite(g) or (g - w).abs() > rtol * w.abs() + 1e-12:
+        ctx.fail(f"{what}: expected {w.item():.7g}{hint}, got {g.item():.7g}")
+    return got
+
+
+def expect_close(ctx: Context, got: torch.Tensor, want: torch.Tensor, what: str,
+                 rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Same shape and values within tolerance; name the worst element when they are not."""
+    if tuple(got.shape) != tuple(want.shape):
+        ctx.fail(f"{what} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+    g, w = got.double(), want.double()
+    bad = ~((g - w).abs() <= atol + rtol * w.abs())
+    if bad.any():
+        err = torch.where(bad, (g - w).abs(), torch.zeros_like(g))
+        if not torch.isfinite(g).all():
+            err = torch.where(torch.isfinite(g), err, torch.full_like(g, float("inf")))
+        index = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
+        ctx.fail(f"{what}: {int(bad.sum())} of {bad.numel()} values differ; worst at index "
+                 f"{index}: expected {w[index].item():.6g}, got {g[index].item():.6g}")
+
+
+def expect_codes(ctx: Context, got: torch.Tensor, want: torch.Tensor, what: str = "codes",
+                 exact: bool = True) -> None:
+    """Integer codes equal to ``want``.
+
+    With ``exact=False`` a few codes (at most one in 200) may be off by one: values that sit
+    on a rounding tie can flip when a scale is computed in a slightly different but equally
+    valid order (``x * (1 / s)`` instead of ``x / s``).
+    """
+    if tuple(got.shape) != tuple(want.shape):
+        ctx.fail(f"{what} have shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+    g, w = got.to(torch.int64), want.to(torch.int64)
+    diff = (g - w).abs()
+    n_bad = int((diff > 0).sum())
+    allowed = 0 if exact else w.numel() // 200
+    if n_bad > allowed or (n_bad and int(diff.max()) > 1):
+        index = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+        ctx.fail(f"{what}: {n_bad} of {w.numel()} differ; e.g. at index {index}: "
+                 f"expected {w[index].item()}, got {g[index].item()}")

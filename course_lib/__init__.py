@@ -6,3 +6,8 @@ explain it. Start with ``course_lib.runtime`` (where things run) and ``course_li
 """
 
 __version__ = "0.1.0"
+
+from course_lib import runtime as _runtime
+
+# Decide the Triton mode (on a CPU: set TRITON_INTERPRET=1) before anything imports Triton.
+_runtime.triton_mode()

@@ -74,10 +74,11 @@ def triton_mode() -> str:
 
     "torch" means Triton is not installed (e.g. macOS or Windows): every kernel has a torch
     reference twin and the launchers call it instead. In "interpret" mode this function sets
-    ``TRITON_INTERPRET=1``. Triton reads that variable when a kernel is decorated with
-    ``@triton.jit``, not when Triton is imported (transformers imports it early), so it only
-    has to run before :mod:`course_lib.kernels` defines its kernels, which that package
-    guarantees by calling it on import.
+    ``TRITON_INTERPRET=1``. Triton reads that variable when a function is decorated with
+    ``@triton.jit``: our kernels, and Triton's own helpers (``tl.sum``, ``tl.zeros``...), which
+    are decorated when Triton is imported. ``import course_lib`` therefore calls this function
+    first thing; when Triton was imported earlier anyway (transformers imports it),
+    :mod:`course_lib.kernels` re-wraps those helpers for the interpreter.
     """
     if importlib.util.find_spec("triton") is None:
         return "torch"

@@ -53,8 +53,10 @@ __all__ = [
     "conv1d_to_linear",
     "dynamic_quantization_coverage",
     "dynamic_quantize",
+    "fold_channel_scales",
     "linear_layers",
     "plant_outliers",
+    "smooth_pairs",
     "smooth_quant",
     "smoothing_scales",
 ]
@@ -395,8 +397,9 @@ def smoothing_scales(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: floa
     return (a.pow(alpha) / w_absmax.pow(1.0 - alpha)).clamp(min=1e-5)
 
 
-def _smooth_pairs(model: nn.Module) -> list[tuple[str, nn.LayerNorm, str, nn.Module]]:
-    """(LayerNorm name, LayerNorm, linear name, linear) pairs to smooth in a GPT-2."""
+def smooth_pairs(model: nn.Module) -> list[tuple[str, nn.LayerNorm, str, nn.Module]]:
+    """``(LayerNorm name, LayerNorm, linear name, linear)`` for every ln_1 -> attn.c_attn and
+    ln_2 -> mlp.c_fc pair of a GPT-2 (HF or course_lib); the pairs SmoothQuant can fold into."""
     blocks = getattr(getattr(model, "transformer", None), "h", None)
     if blocks is None:
         raise ValueError("smooth_quant supports GPT-2 models (HF GPT2LMHeadModel or "
@@ -427,15 +430,19 @@ def smooth_quant(model: nn.Module, calibration_ids: torch.Tensor, alpha: float =
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     ids = _check_calibration(calibration_ids)
     model = _maybe_copy(model, inplace)
-    pairs = _smooth_pairs(model)
+    pairs = smooth_pairs(model)
     absmax = activation_absmax(model, ids, [lin for _, _, lin, _ in pairs], batch_size, progress)
     for _, norm, name, layer in pairs:
-        _fold_scales(norm, layer, smoothing_scales(absmax[name], _weight_out_in(layer), alpha))
+        fold_channel_scales(norm, layer, smoothing_scales(absmax[name], _weight_out_in(layer), alpha))
     return model
 
 
-def _fold_scales(norm: nn.LayerNorm, layer: nn.Module, s: torch.Tensor) -> None:
-    """LayerNorm output channel j divided by s_j, the next layer's input channel j times s_j."""
+def fold_channel_scales(norm: nn.LayerNorm, layer: nn.Module, s: torch.Tensor) -> None:
+    """In place: LayerNorm output channel j divided by s_j, the next layer's input channel j times s_j.
+
+    ``LN(x) / s`` followed by ``W * s`` (per input channel) is the same function as ``LN(x)``
+    then ``W``. ``layer`` may be nn.Linear or HF Conv1D; ``s`` has one entry per channel.
+    """
     s = s.to(layer.weight.device)
     norm.weight.div_(s.to(norm.weight.dtype))
     norm.bias.div_(s.to(norm.bias.dtype))
@@ -460,12 +467,12 @@ def plant_outliers(model: nn.Module, channels: Sequence[int], factor: float = 10
     if not factor > 0:
         raise ValueError(f"factor must be > 0, got {factor}")
     model = _maybe_copy(model, inplace)
-    for _, norm, _, layer in _smooth_pairs(model):
+    for _, norm, _, layer in smooth_pairs(model):
         n = norm.weight.shape[0]
         bad = [c for c in channels if not 0 <= c < n]
         if bad or not len(channels):
             raise ValueError(f"channels must be a non-empty list of indices in [0, {n}), got {list(channels)}")
         s = torch.ones(n)
         s[list(channels)] = 1.0 / factor
-        _fold_scales(norm, layer, s)
+        fold_channel_scales(norm, layer, s)
     return model

@@ -42,6 +42,7 @@ from transformers.pytorch_utils import Conv1D
 
 from course_lib.quant import affine
 from course_lib.quant.observers import OBSERVERS, make_observer
+from course_lib.quant.qlinear import linear_weight, replace_module
 
 __all__ = [
     "ACT_GRANULARITIES",
@@ -91,16 +92,6 @@ def linear_layers(model: nn.Module, include_lm_head: bool = False) -> dict[str, 
     }
 
 
-def _weight_out_in(layer: nn.Module) -> torch.Tensor:
-    """The weight as [out, in]: nn.Linear stores it so, Conv1D stores [in, out]."""
-    return layer.weight.t() if isinstance(layer, Conv1D) else layer.weight
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def _maybe_copy(model: nn.Module, inplace: bool) -> nn.Module:
     return model if inplace else copy.deepcopy(model)
 
@@ -129,7 +120,7 @@ def conv1d_to_linear(model: nn.Module, inplace: bool = False) -> nn.Module:
                 linear.weight.copy_(w.t())
                 if m.bias is not None:
                     linear.bias.copy_(m.bias)
-            _replace(model, name, linear)
+            replace_module(model, name, linear)
     return model
 
 
@@ -259,7 +250,7 @@ class FakeQuantLinear(nn.Module):
         """Wrap an ``nn.Linear`` or HF ``Conv1D`` (its [in, out] weight is transposed here)."""
         if not isinstance(layer, (nn.Linear, Conv1D)):
             raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(layer).__name__}")
-        return cls(_weight_out_in(layer), layer.bias, **kwargs)
+        return cls(linear_weight(layer), layer.bias, **kwargs)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input as int8 would represent it (fake-quantized, same dtype as ``x``)."""
@@ -348,7 +339,7 @@ def calibrate_w8a8(model: nn.Module, calibration_ids: torch.Tensor | None,
                          batch_size, progress, "calibrating W8A8")
         scales = {name: obs.qparams(bits, "symmetric")[0] for name, obs in observers.items()}
     for name, layer in layers.items():
-        _replace(model, name, FakeQuantLinear.from_layer(
+        replace_module(model, name, FakeQuantLinear.from_layer(
             layer, bits=bits, weight_granularity=weight_granularity,
             act_granularity=act_granularity, act_scale=scales[name]))
     return model
@@ -433,7 +424,7 @@ def smooth_quant(model: nn.Module, calibration_ids: torch.Tensor, alpha: float =
     pairs = smooth_pairs(model)
     absmax = activation_absmax(model, ids, [lin for _, _, lin, _ in pairs], batch_size, progress)
     for _, norm, name, layer in pairs:
-        fold_channel_scales(norm, layer, smoothing_scales(absmax[name], _weight_out_in(layer), alpha))
+        fold_channel_scales(norm, layer, smoothing_scales(absmax[name], linear_weight(layer), alpha))
     return model
 
 

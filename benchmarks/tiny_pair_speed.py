@@ -19,34 +19,16 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from course_lib import runtime
+from course_lib.evaluation.speed import median_seconds
 from course_lib.models.gpt import GPT
 from course_lib.models.hub import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_seconds(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -78,13 +60,13 @@ def measure(name: str, role: str, prompt_len: int, new_tokens: int, repeats: int
 
     full = torch.randint(1, hf.config.vocab_size, (1, hf.config.n_positions), device=device,
                          generator=torch.Generator(device).manual_seed(1))
-    prefill_s = _median_seconds(lambda: ours(full), repeats, device)
+    prefill_s = median_seconds(lambda: ours(full), repeats, device)
     return {
         "model": name,
         "parameters": sum(p.numel() for p in hf.parameters()),
-        "decode_ms_per_token_hf_generate": 1000 * _median_seconds(hf_decode, repeats, device) / new_tokens,
-        "decode_ms_per_token_hf_forward": 1000 * _median_seconds(hf_forward_decode, repeats, device) / new_tokens,
-        "decode_ms_per_token_course_gpt": 1000 * _median_seconds(ours_decode, repeats, device) / new_tokens,
+        "decode_ms_per_token_hf_generate": 1000 * median_seconds(hf_decode, repeats, device) / new_tokens,
+        "decode_ms_per_token_hf_forward": 1000 * median_seconds(hf_forward_decode, repeats, device) / new_tokens,
+        "decode_ms_per_token_course_gpt": 1000 * median_seconds(ours_decode, repeats, device) / new_tokens,
         "prefill_tokens_per_s": full.numel() / prefill_s,
     }
 

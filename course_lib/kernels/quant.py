@@ -25,16 +25,8 @@ and reduces along the tile's rows. Shapes out: ``codes`` like ``x``; ``scale`` (
 
 import torch
 
+from course_lib.kernels._triton import tl, triton
 from course_lib.runtime import log_once, triton_mode
-
-if triton_mode() != "torch":  # triton_mode() sets TRITON_INTERPRET=1 first when there is no CUDA
-    import triton
-    import triton.language as tl
-else:  # no Triton on this machine: the kernels below are defined but never compiled or run
-    from types import SimpleNamespace
-
-    triton = SimpleNamespace(jit=lambda fn: fn)
-    tl = SimpleNamespace(constexpr=None)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_GROUP_SIZE = 16384  # one group is one row of a kernel tile

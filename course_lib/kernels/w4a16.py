@@ -29,6 +29,7 @@ Two paths, picked by M (the number of token rows):
 
 import torch
 
+from course_lib.kernels._triton import tl, triton
 from course_lib.kernels.quant import (
     _check_float,
     _use_triton,
@@ -36,16 +37,6 @@ from course_lib.kernels.quant import (
     interpreter_bf16_workaround,
     pick_split_k,
 )
-from course_lib.runtime import triton_mode
-
-if triton_mode() != "torch":  # triton_mode() sets TRITON_INTERPRET=1 first when there is no CUDA
-    import triton
-    import triton.language as tl
-else:  # no Triton on this machine: the kernels below are defined but never compiled or run
-    from types import SimpleNamespace
-
-    triton = SimpleNamespace(jit=lambda fn: fn)
-    tl = SimpleNamespace(constexpr=None)
 
 GEMV_MAX_M = 16  # "auto" uses the gemv path up to this many rows
 

@@ -19,6 +19,7 @@ the K range is split over ``SPLIT_K`` programs: each writes a float32 partial su
 
 import torch
 
+from course_lib.kernels._triton import tl, triton
 from course_lib.kernels.quant import (
     _check_float,
     _use_triton,
@@ -26,17 +27,6 @@ from course_lib.kernels.quant import (
     interpreter_bf16_workaround,
     pick_split_k,
 )
-from course_lib.runtime import triton_mode
-
-if triton_mode() != "torch":  # triton_mode() sets TRITON_INTERPRET=1 first when there is no CUDA
-    import triton
-    import triton.language as tl
-else:  # no Triton on this machine: the kernels below are defined but never compiled or run
-    from types import SimpleNamespace
-
-    triton = SimpleNamespace(jit=lambda fn: fn)
-    tl = SimpleNamespace(constexpr=None)
-
 
 # ------------------------------------------------------------------ torch reference twin
 

@@ -162,14 +162,8 @@ class _SampleObserver(MinMaxObserver):
         self._keys: torch.Tensor | None = None
 
     def observe(self, x: torch.Tensor) -> None:
-        rows = self._rows(x)
-        lo, hi = rows.amin(dim=1), rows.amax(dim=1)
-        if self.min_val is None:
-            self.min_val, self.max_val = lo, hi
-        else:
-            self.min_val = torch.minimum(self.min_val, lo)
-            self.max_val = torch.maximum(self.max_val, hi)
-        rows = rows.cpu()
+        super().observe(x)  # the exact running min and max
+        rows = self._rows(x).cpu()
         keys = torch.rand(rows.shape, generator=self._gen)
         if self._values is not None:
             rows = torch.cat([self._values, rows], dim=1)

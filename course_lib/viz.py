@@ -50,8 +50,11 @@ def quantization_explorer(x: torch.Tensor, group_sizes: tuple[int, ...] = (32, 6
     valid = tuple(g for g in group_sizes if x.shape[-1] % g == 0) or (x.shape[-1],)
 
     def show(bits, scheme, granularity, group_size):
+        from IPython.display import display
+
         fig = plot_quantization(x, bits, scheme, granularity, group_size)
-        plt.show(fig)
+        display(fig)
+        plt.close(fig)  # displayed once, not again by the inline backend
 
     return widgets.interactive(
         show,

@@ -77,3 +77,15 @@ def test_viz_granularity_errors_fall_with_group_size() -> None:
     assert errors["tensor"] > errors["channel"] > errors["g128"] > errors["g32"]
     assert len(plot_granularity_errors({"w": errors}).axes) == 1
     assert len(plot_quantization(w, bits=4).axes) == 2
+
+
+def test_quantization_explorer_renders_without_a_display() -> None:
+    pytest.importorskip("ipywidgets")
+    from course_lib.viz import quantization_explorer
+
+    widget = quantization_explorer(torch.randn(8, 64), group_sizes=(32, 48))
+    assert [c.description for c in widget.children[:4]] == ["bits", "scheme", "granularity",
+                                                            "group size"]
+    assert widget.children[3].options == (32,)  # 48 does not divide 64
+    # call the drawing function itself: interactive.update() would swallow its exception
+    widget.f(**{c.description.replace(' ', '_'): c.value for c in widget.children[:4]})

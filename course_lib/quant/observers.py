@@ -110,8 +110,11 @@ class MinMaxObserver(Observer):
         if self.min_val is None:
             self.min_val, self.max_val = lo, hi
         else:
-            self.min_val = torch.minimum(self.min_val, lo)
-            self.max_val = torch.maximum(self.max_val, hi)
+            self.min_val, self.max_val = self._combine(lo, hi)
+
+    def _combine(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """New (min, max) from the running ones and a batch's: here, the overall extremes."""
+        return torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_observed()
@@ -132,14 +135,9 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
         super().__init__(axis)
         self.momentum = momentum
 
-    def observe(self, x: torch.Tensor) -> None:
-        rows = self._rows(x)
-        lo, hi = rows.amin(dim=1), rows.amax(dim=1)
-        if self.min_val is None:
-            self.min_val, self.max_val = lo, hi
-        else:
-            self.min_val = self.min_val + self.momentum * (lo - self.min_val)
-            self.max_val = self.max_val + self.momentum * (hi - self.max_val)
+    def _combine(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.min_val + self.momentum * (lo - self.min_val),
+                self.max_val + self.momentum * (hi - self.max_val))
 
 
 class _SampleObserver(MinMaxObserver):

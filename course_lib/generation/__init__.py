@@ -1,0 +1,1 @@
+"""Generating tokens: sampling, the no-cache and KV-cache loops, speculative decoding."""

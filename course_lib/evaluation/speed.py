@@ -6,12 +6,13 @@ same run) and by the benchmarks.
 
 from __future__ import annotations
 
-import inspect
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+
+from course_lib.generation.generate import generate_with_cache
 
 
 def sync(device: torch.device) -> None:
@@ -42,33 +43,16 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.no_grad()
 def greedy_decode(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """Greedy decoding with a KV cache, for HF GPT-2 and `course_lib.models.gpt.GPT`.
 
-    A plain forward loop (no logits processors or stopping criteria) so that what is timed is
+    The project's one cached loop, :func:`course_lib.generation.generate.generate_with_cache`:
+    a plain forward loop (no logits processors or stopping criteria) so that what is timed is
     the model itself. Returns the ``new_tokens`` generated ids, [batch, new_tokens].
     """
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
-    out_ids = []
-    if hasattr(model, "new_cache"):  # course_lib.models.gpt.GPT
-        cache = model.new_cache(prompt.shape[0], prompt.shape[1] + new_tokens)
-        token = model(prompt, cache)[:, -1:].argmax(-1)
-        for _ in range(new_tokens - 1):
-            out_ids.append(token)
-            token = model(token, cache)[:, -1:].argmax(-1)
-    else:
-        # transformers 5 renamed `past_key_values` to `cache` (argument and output field)
-        key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        out = model(prompt, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-        for _ in range(new_tokens - 1):
-            out_ids.append(token)
-            out = model(token, use_cache=True, **{key: out[key]})
-            token = out.logits[:, -1:].argmax(-1)
-    out_ids.append(token)
-    return torch.cat(out_ids, dim=1)
+    return generate_with_cache(model, prompt, new_tokens).tokens
 
 
 def decode_tokens_per_second(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int = 32,

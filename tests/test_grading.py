@@ -6,6 +6,7 @@ the generated exercises (stubs raising NotImplementedError) fail every one.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import nbformat
@@ -19,15 +20,21 @@ from course_lib.exercises import BEGIN_MARKER
 from course_lib.grading import (
     TASKS,
     CheckResult,
+    check_accept_or_resample,
     check_asymmetric_quantize,
+    check_cached_attention,
+    check_cached_generation,
     check_conv1d_to_linear,
     check_dequantize,
+    check_expected_speedup,
     check_int8_linear,
     check_minmax_observer,
     check_pack_int4,
     check_per_group_quantize,
     check_symmetric_quantize,
+    checks_generation,
 )
+from course_lib.grading.core import Context
 from course_lib.quant import affine
 from course_lib.quant.qlinear import QuantLinear
 
@@ -91,6 +98,63 @@ def conv1d_to_linear(conv):
     return linear
 
 
+def cached_attention(q, k_new, v_new, k_cache, v_cache):
+    k, v = torch.cat([k_cache, k_new], dim=2), torch.cat([v_cache, v_new], dim=2)
+    t, s = q.shape[2], k_cache.shape[2]
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    keep = torch.ones(t, s + t, dtype=torch.bool).tril(diagonal=s)
+    return scores.masked_fill(~keep, float("-inf")).softmax(-1) @ v, k, v
+
+
+def cached_attention_sdpa(q, k_new, v_new, k_cache, v_cache):  # SDPA with an explicit mask
+    k, v = torch.cat([k_cache, k_new], dim=2), torch.cat([v_cache, v_new], dim=2)
+    t, s = q.shape[2], k_cache.shape[2]
+    keep = torch.ones(t, s + t, dtype=torch.bool).tril(diagonal=s)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep), k, v
+
+
+@torch.no_grad()
+def generate_with_cache(model, prompt_ids, max_new_tokens):
+    cache = model.new_cache(1, prompt_ids.shape[1] + max_new_tokens)
+    logits, ids = model(prompt_ids, cache), prompt_ids
+    for step in range(max_new_tokens):
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, token], dim=1)
+        if step < max_new_tokens - 1:
+            logits = model(token, cache)
+    return ids
+
+
+@torch.no_grad()
+def generate_feeding_the_last_token_too(model, prompt_ids, max_new_tokens):  # one wasted token
+    cache = model.new_cache(1, prompt_ids.shape[1] + max_new_tokens)
+    logits, ids = model(prompt_ids, cache), prompt_ids
+    for _ in range(max_new_tokens):
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, token], dim=1)
+        logits = model(token, cache)
+    return ids
+
+
+def accept_or_resample(p, q, draft_token, generator):
+    if torch.rand((), generator=generator) < min(1.0, (q[draft_token] / p[draft_token]).item()):
+        return True, draft_token
+    residual = (q - p).clamp(min=0)
+    return False, int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
+
+
+def accept_without_min(p, q, draft_token, generator):
+    # u < q/p has probability min(1, q/p) anyway: leaving out the min is not a bug; tensors returned
+    if torch.rand((), generator=generator) < q[draft_token] / p[draft_token]:
+        return torch.tensor(True), torch.tensor(draft_token)
+    return torch.tensor(False), torch.multinomial((q - p).clamp(min=0), 1, generator=generator)
+
+
+def expected_speedup(alpha, k, c):
+    tokens = k + 1 if alpha == 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+    return tokens / (k * c + 1)
+
+
 RIGHT = {
     check_symmetric_quantize: (sym,),
     check_dequantize: (deq,),
@@ -100,6 +164,10 @@ RIGHT = {
     check_minmax_observer: (Observer,),
     check_int8_linear: (Int8Linear,),
     check_conv1d_to_linear: (conv1d_to_linear,),
+    check_cached_attention: (cached_attention,),
+    check_cached_generation: (generate_with_cache,),
+    check_accept_or_resample: (accept_or_resample,),
+    check_expected_speedup: (expected_speedup,),
 }
 
 
@@ -194,6 +262,102 @@ def conv1d_no_transpose(conv):
     return linear
 
 
+def attention_without_mask(q, k_new, v_new, k_cache, v_cache):  # right for one token, not a chunk
+    k, v = torch.cat([k_cache, k_new], dim=2), torch.cat([v_cache, v_new], dim=2)
+    return F.scaled_dot_product_attention(q, k, v), k, v
+
+
+def attention_is_causal(q, k_new, v_new, k_cache, v_cache):  # is_causal aligns the mask top-left
+    k, v = torch.cat([k_cache, k_new], dim=2), torch.cat([v_cache, v_new], dim=2)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True), k, v
+
+
+def attention_ignores_cache(q, k_new, v_new, k_cache, v_cache):
+    out = F.scaled_dot_product_attention(q, k_new, v_new, is_causal=True)
+    return out, torch.cat([k_cache, k_new], dim=2), torch.cat([v_cache, v_new], dim=2)
+
+
+def attention_prepends(q, k_new, v_new, k_cache, v_cache):
+    out, k, v = cached_attention(q, k_new, v_new, k_cache, v_cache)
+    return out, torch.cat([k_new, k_cache], dim=2), torch.cat([v_new, v_cache], dim=2)
+
+
+def attention_unscaled(q, k_new, v_new, k_cache, v_cache):
+    return cached_attention(q * math.sqrt(q.shape[-1]), k_new, v_new, k_cache, v_cache)
+
+
+@torch.no_grad()
+def generate_without_cache(model, prompt_ids, max_new_tokens):
+    ids = prompt_ids
+    for _ in range(max_new_tokens):
+        ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@torch.no_grad()
+def generate_with_a_fresh_cache_each_step(model, prompt_ids, max_new_tokens):
+    ids = prompt_ids
+    for _ in range(max_new_tokens):
+        cache = model.new_cache(1, ids.shape[1])
+        ids = torch.cat([ids, model(ids, cache)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@torch.no_grad()
+def generate_last_token_only(model, prompt_ids, max_new_tokens):  # no cache, no context
+    ids, logits = prompt_ids, model(prompt_ids)
+    for _ in range(max_new_tokens):
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        ids, logits = torch.cat([ids, token], dim=1), model(token)
+    return ids
+
+
+def generate_new_tokens_only(model, prompt_ids, max_new_tokens):
+    return generate_with_cache(model, prompt_ids, max_new_tokens)[:, prompt_ids.shape[1]:]
+
+
+def resample_from_q(p, q, draft_token, generator):
+    if torch.rand((), generator=generator) < q[draft_token] / p[draft_token]:
+        return True, draft_token
+    return False, int(torch.multinomial(q, 1, generator=generator))
+
+
+def accept_with_p_over_q(p, q, draft_token, generator):
+    if q[draft_token] > 0 and torch.rand((), generator=generator) < p[draft_token] / q[draft_token]:
+        return True, draft_token
+    return False, int(torch.multinomial((q - p).clamp(min=0), 1, generator=generator))
+
+
+def never_resample(p, q, draft_token, generator):
+    return True, draft_token
+
+
+def argmax_of_residual(p, q, draft_token, generator):  # passes the known cases, not the statistics
+    if torch.rand((), generator=generator) < q[draft_token] / p[draft_token]:
+        return True, draft_token
+    return False, int((q - p).clamp(min=0).argmax())
+
+
+def accept_only_where_q_ge_p(p, q, draft_token, generator):  # likewise
+    if q[draft_token] >= p[draft_token]:
+        return True, draft_token
+    return False, int(torch.multinomial((q - p).clamp(min=0), 1, generator=generator))
+
+
+def accept_with_global_rng(p, q, draft_token, generator):  # right distribution, not reproducible
+    if torch.rand(()) < q[draft_token] / p[draft_token]:
+        return True, draft_token
+    return False, int(torch.multinomial((q - p).clamp(min=0), 1))
+
+
+def speedup_without_the_limit(alpha, k, c):
+    return (1 - alpha ** (k + 1)) / ((1 - alpha) * (k * c + 1))
+
+
+def speedup_ignoring_draft_cost(alpha, k, c):
+    return (1 - alpha ** (k + 1)) / (1 - alpha) if alpha < 1 else k + 1.0
+
+
 WRONG = [
     (check_symmetric_quantize, (sym_scale_128,), "scale: expected"),
     (check_symmetric_quantize, (sym_float_codes,), "dtype torch.float32, expected torch.int8"),
@@ -209,6 +373,23 @@ WRONG = [
     (check_int8_linear, (Int8LinearPerTensor,), "qweight codes: "),
     (check_int8_linear, (Int8LinearKeepsFloat,), "still holds a float tensor 'linear.weight'"),
     (check_conv1d_to_linear, (conv1d_no_transpose,), "Linear output vs Conv1D output"),
+    (check_cached_attention, (attention_without_mask,), "call 1 (3 new tokens after 0 cached): out"),
+    (check_cached_attention, (attention_is_causal,), "call 2 (1 new token after 3 cached): out"),
+    (check_cached_attention, (attention_ignores_cache,), "call 2 (1 new token after 3 cached): out"),
+    (check_cached_attention, (attention_prepends,), "returned k_cache should be the old cache"),
+    (check_cached_attention, (attention_unscaled,), "out vs causal attention"),
+    (check_cached_generation, (generate_without_cache,), "right tokens, but your loop fed the model 68"),
+    (check_cached_generation, (generate_with_a_fresh_cache_each_step,), "it needs 12"),
+    (check_cached_generation, (generate_last_token_only,), "new token 1 is"),
+    (check_cached_generation, (generate_new_tokens_only,), "returned ids has shape (1, 8)"),
+    (check_accept_or_resample, (resample_from_q,), "only possible resample"),
+    (check_accept_or_resample, (accept_with_p_over_q,), "must always be accepted"),
+    (check_accept_or_resample, (never_resample,), "must always be rejected"),
+    (check_accept_or_resample, (argmax_of_residual,), "not distributed as q"),
+    (check_accept_or_resample, (accept_only_where_q_ge_p,), "not distributed as q"),
+    (check_accept_or_resample, (accept_with_global_rng,), "draw every random number from the generator"),
+    (check_expected_speedup, (speedup_without_the_limit,), "alpha=1.0, k=4"),
+    (check_expected_speedup, (speedup_ignoring_draft_cost,), "alpha=0.8, k=4, c=0.05: expected 2.80133"),
 ]
 
 
@@ -305,6 +486,90 @@ def test_task_registry_and_grade(capsys) -> None:
     assert not by_name["per-group quantize"].passed
     assert "per_group_quantize is not defined" in by_name["per-group quantize"].message
     assert sum(r.points for r in results) == grading.total_points("01_quantization_math") - 3
+
+
+# --- chapters 4 and 7: cached attention, cached generation, speculative decoding -------------
+
+
+@pytest.mark.parametrize("check, learner", [
+    (check_cached_attention, cached_attention_sdpa),
+    (check_cached_generation, generate_feeding_the_last_token_too),
+    (check_accept_or_resample, accept_without_min),
+], ids=lambda x: getattr(x, "__name__", ""))
+def test_other_right_answers_pass(check, learner, capsys) -> None:
+    assert check(learner).passed
+
+
+def test_chi_square_p_value_matches_the_table() -> None:
+    # upper 0.001 quantiles of chi-square with 1, 4, 7 degrees of freedom (any statistics table)
+    for dof, quantile in [(1, 10.828), (4, 18.467), (7, 24.322)]:
+        assert checks_generation.chi_square_p_value(quantile, dof) == pytest.approx(1e-3, rel=1e-3)
+    assert checks_generation.chi_square_p_value(0.0, 3) == 1.0
+
+
+@pytest.mark.parametrize("learner", [resample_from_q, accept_with_p_over_q, never_resample,
+                                     argmax_of_residual, accept_only_where_q_ge_p],
+                         ids=lambda f: f.__name__)
+def test_statistical_part_alone_rejects_wrong_rules(learner) -> None:
+    """The known cases catch most of these first; the chi-square test must catch them on its own."""
+    pairs = checks_generation._statistical_pairs()
+    failed = []
+    for i, (_, p, q) in enumerate(pairs):
+        gen = torch.Generator().manual_seed(i)
+        drafts = torch.multinomial(p.double(), 4000, replacement=True, generator=gen).tolist()
+        counts, accepted = torch.zeros(len(q), dtype=torch.float64), 0
+        for draft in drafts:  # no per-call checks: only what comes out is judged
+            ok, token = learner(p, q, draft, gen)
+            counts[int(token)] += 1
+            accepted += bool(ok)
+        fit = checks_generation.goodness_of_fit(counts, accepted, p, q)
+        failed.append(fit["outside_support"] > 0 or min(fit["p_value"], fit["accept_p_value"]) < 1e-6)
+    assert all(failed)
+
+
+def test_statistical_part_passes_a_right_rule_with_other_seeds() -> None:
+    ctx = Context()
+    for i, (_, p, q) in enumerate(checks_generation._statistical_pairs()):
+        counts, accepted = checks_generation.sample_accept_or_resample(ctx, accept_or_resample, p, q,
+                                                                       5000, seed=1000 + i)
+        fit = checks_generation.goodness_of_fit(counts, accepted, p, q)
+        assert fit["outside_support"] == 0
+        assert min(fit["p_value"], fit["accept_p_value"]) > 1e-4
+
+
+def test_generation_check_has_no_near_ties() -> None:
+    """A correct loop may round differently from the reference; its greedy picks must not flip."""
+    model = checks_generation.generation_model()
+    for prompt, n in checks_generation.generation_prompts():
+        ids = checks_generation.greedy_without_cache(model, prompt, n)
+        with torch.no_grad():
+            logits = model(ids[:, :-1])[0, prompt.shape[1] - 1:]
+        top2 = logits.topk(2, dim=-1).values
+        assert float((top2[:, 0] - top2[:, 1]).min()) > 0.1
+        assert n == 1 or len(set(ids[0, prompt.shape[1]:].tolist())) > 1  # not one token repeated
+
+
+def test_generation_check_counts_tokens_fed(capsys) -> None:
+    result = check_cached_generation(generate_without_cache, raise_on_fail=False)
+    assert "68 tokens in 8 calls" in result.message and "it needs 12" in result.message
+    # the model is restored between calls: a right loop after a wrong one still passes
+    assert check_cached_generation(generate_with_cache).passed
+
+
+def test_accept_or_resample_reports_bad_return_values(capsys) -> None:
+    def returns_a_float_token(p, q, draft_token, generator):
+        return True, float(draft_token)
+
+    result = check_accept_or_resample(returns_a_float_token, raise_on_fail=False)
+    assert "token should be an integer token id" in result.message
+
+    def changes_q_in_place(p, q, draft_token, generator):
+        accepted, token = accept_or_resample(p, q, draft_token, generator)
+        q.sub_(p).clamp_(min=0)
+        return accepted, token
+
+    result = check_accept_or_resample(changes_q_in_place, raise_on_fail=False)
+    assert "changed p or q in place" in result.message
 
 
 # --- the exercise notebooks: solutions pass, generated exercises fail ------------------------

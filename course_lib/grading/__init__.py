@@ -31,15 +31,25 @@ from course_lib.grading.checks import (
     check_per_group_quantize,
     check_symmetric_quantize,
 )
+from course_lib.grading.checks_generation import (
+    check_accept_or_resample,
+    check_cached_attention,
+    check_cached_generation,
+    check_expected_speedup,
+)
 from course_lib.grading.core import CheckResult
 
 __all__ = [
     "TASKS",
     "CheckResult",
     "Task",
+    "check_accept_or_resample",
     "check_asymmetric_quantize",
+    "check_cached_attention",
+    "check_cached_generation",
     "check_conv1d_to_linear",
     "check_dequantize",
+    "check_expected_speedup",
     "check_int8_linear",
     "check_minmax_observer",
     "check_pack_int4",
@@ -77,6 +87,12 @@ TASKS: dict[str, Task] = {
     "02.int8_linear": Task("02_post_training_quantization", ("Int8Linear",), check_int8_linear),
     "02.conv1d_to_linear": Task("02_post_training_quantization", ("conv1d_to_linear",),
                                 check_conv1d_to_linear),
+    "04.cached_attention": Task("04_kv_cache", ("cached_attention",), check_cached_attention),
+    "04.generate_with_cache": Task("04_kv_cache", ("generate_with_cache",), check_cached_generation),
+    "07.accept_or_resample": Task("07_speculative_decoding", ("accept_or_resample",),
+                                  check_accept_or_resample),
+    "07.expected_speedup": Task("07_speculative_decoding", ("expected_speedup",),
+                                check_expected_speedup),
 }
 
 

@@ -574,7 +574,8 @@ def test_accept_or_resample_reports_bad_return_values(capsys) -> None:
 
 # --- the exercise notebooks: solutions pass, generated exercises fail ------------------------
 
-NOTEBOOKS = ["01_quantization_math.ipynb", "02_post_training_quantization.ipynb", "04_kv_cache.ipynb"]
+NOTEBOOKS = ["01_quantization_math.ipynb", "02_post_training_quantization.ipynb", "04_kv_cache.ipynb",
+             "07_speculative_decoding.ipynb"]
 
 
 def _code_cells(path: Path) -> list[str]:

@@ -367,6 +367,7 @@ def test_expected_speedup_known_values() -> None:
     assert expected_speedup(1 - 1e-9, 4, 0.1) == pytest.approx(5 / 1.4, rel=1e-6)
     assert expected_speedup(0.8, 4, 0.1) == pytest.approx((1 - 0.8**5) / (0.2 * 1.4))
     assert expected_speedup(0.5, 3, 0.0) == pytest.approx(1.875)
+    assert expected_speedup(0.5, 3, 0.1, verify_cost=2.0) == pytest.approx(1.875 / 2.3)
     assert expected_tokens_per_round(0.5, 2) == pytest.approx(1.75)
     assert expected_tokens_per_round(1.0, 7) == 8.0
     assert expected_tokens_per_round(0.0, 7) == 1.0
@@ -480,4 +481,5 @@ def test_make_schedule() -> None:
 def test_measure_cost_ratio_small_draft_is_cheaper() -> None:
     big = random_gpt(0, n_embd=256, n_layer=4)
     small = random_gpt(1, n_embd=16, n_layer=1, n_head=2)
-    assert 0 < spec.measure_cost_ratio(big, small, prompt_len=8, steps=8, repeats=3) < 1
+    assert 0 < spec.measure_cost_ratio(big, small, prompt_len=8, calls=8, repeats=3) < 1
+    assert spec.measure_verify_cost(small, k=3, prompt_len=8, calls=8, repeats=3) > 0

@@ -77,15 +77,19 @@ def expected_tokens_per_round(alpha: float, k: int) -> float:
     return (1 - alpha ** (k + 1)) / (1 - alpha)
 
 
-def expected_speedup(alpha: float, k: int, c: float) -> float:
+def expected_speedup(alpha: float, k: int, c: float, verify_cost: float = 1.0) -> float:
     """Expected speed-up over target-only decoding: (1 - alpha^(k+1)) / ((1 - alpha)(k c + 1)).
 
-    ``c`` is the cost ratio (one draft step's time / one target step's time). Assumes the target
-    scores k + 1 tokens as fast as one (memory-bound decoding); at alpha = 0 it is 1 / (k c + 1).
+    ``c`` is the cost ratio (one draft step's time / one target step's time). The paper assumes
+    the target scores k + 1 tokens as fast as one (memory-bound decoding); ``verify_cost`` is
+    that pass's time in target steps when it is not (see :func:`measure_verify_cost`): the
+    denominator becomes k c + verify_cost. At alpha = 0 it is 1 / (k c + 1).
     """
     if c < 0:
         raise ValueError(f"c (draft/target cost ratio) must be >= 0, got {c!r}")
-    return expected_tokens_per_round(alpha, k) / (k * c + 1)
+    if verify_cost <= 0:
+        raise ValueError(f"verify_cost must be > 0, got {verify_cost!r}")
+    return expected_tokens_per_round(alpha, k) / (k * c + verify_cost)
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,28 +480,40 @@ class SpeculativeDecoder:
 # --------------------------------------------------------------------------------------------
 
 @torch.inference_mode()
-def decode_step_seconds(model: torch.nn.Module, prompt_len: int = 32, steps: int = 32,
-                        repeats: int = 3) -> float:
-    """Median seconds of one cached greedy decode step (batch 1) after a ``prompt_len`` prefill."""
+def forward_seconds(model: torch.nn.Module, tokens: int = 1, prompt_len: int = 32,
+                    calls: int = 16, repeats: int = 3) -> float:
+    """Median seconds of one cached forward pass over ``tokens`` new tokens (batch 1) after a
+    ``prompt_len``-token prefix, rolled back after each call: ``tokens=1`` is a decode step,
+    ``tokens=k + 1`` a verification."""
     device = _device(model)
-    prompt = torch.randint(0, _config(model).vocab_size, (1, prompt_len), device=device,
-                           generator=torch.Generator(device).manual_seed(0))
+    gen = torch.Generator(device).manual_seed(0)
+    vocab = _config(model).vocab_size
+    prompt = torch.randint(0, vocab, (1, prompt_len), device=device, generator=gen)
+    new = torch.randint(0, vocab, (1, tokens), device=device, generator=gen)
+    runner = _CachedModel(model, prompt_len + tokens)
+    runner(prompt)
 
     def run():
-        runner = _CachedModel(model, prompt_len + steps)
-        token = runner(prompt)[:, -1:].argmax(-1)
-        for _ in range(steps):
-            token = runner(token)[:, -1:].argmax(-1)
+        for _ in range(calls):
+            runner(new)
+            runner.truncate(prompt_len)
 
-    def prefill_only():
-        _CachedModel(model, prompt_len + steps)(prompt)
-
-    total = median_seconds(run, repeats, device)
-    return max(total - median_seconds(prefill_only, repeats, device), 0.0) / steps
+    return median_seconds(run, repeats, device) / calls
 
 
 def measure_cost_ratio(target: torch.nn.Module, draft: torch.nn.Module, prompt_len: int = 32,
-                       steps: int = 32, repeats: int = 3) -> float:
+                       calls: int = 16, repeats: int = 3) -> float:
     """c = one draft decode step's time / one target decode step's time, measured here."""
-    return (decode_step_seconds(draft, prompt_len, steps, repeats)
-            / decode_step_seconds(target, prompt_len, steps, repeats))
+    return (forward_seconds(draft, 1, prompt_len, calls, repeats)
+            / forward_seconds(target, 1, prompt_len, calls, repeats))
+
+
+def measure_verify_cost(target: torch.nn.Module, k: int, prompt_len: int = 32, calls: int = 16,
+                        repeats: int = 3) -> float:
+    """Time of the target's (k + 1)-token verification pass / time of one decode step.
+
+    The speed-up formula assumes 1 (decoding is memory-bound, so k + 1 tokens cost what one
+    does), which holds for big models on a GPU; a small model on a CPU can cost more.
+    """
+    return (forward_seconds(target, k + 1, prompt_len, calls, repeats)
+            / forward_seconds(target, 1, prompt_len, calls, repeats))

@@ -17,7 +17,6 @@ Writes ``benchmarks/results/tiny_pair_speed-<machine>.json``.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 
 from course_lib import runtime
 from course_lib.evaluation.speed import median_seconds
+from course_lib.generation.generate import hf_cache_kwarg
 from course_lib.models.gpt import GPT
 from course_lib.models.hub import load_model
 
@@ -43,8 +43,7 @@ def measure(name: str, role: str, prompt_len: int, new_tokens: int, repeats: int
         hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                     pad_token_id=0)
 
-    # transformers 5 renamed `past_key_values` to `cache` (argument and output field)
-    cache_kw = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    cache_kw = hf_cache_kwarg(hf)
 
     def hf_forward_decode():
         out = hf(prompt, use_cache=True)

@@ -42,7 +42,6 @@ generates exactly ``max_new_tokens`` tokens, as the chapter's loops do.
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from dataclasses import dataclass, field
 import torch
 
 from course_lib.evaluation.speed import median_seconds
+from course_lib.generation.generate import hf_cache_kwarg
 from course_lib.generation.sampling import check_sampling_args, logits_to_probs, sample
 
 ADAPTIVE_MODES = (None, "chapter", "hf")
@@ -230,9 +230,7 @@ class _CachedModel:
             self.cache = model.new_cache(1, max_len)
         else:
             self.cache = None
-            # transformers 5 renamed `past_key_values` to `cache` (argument and output field)
-            params = inspect.signature(model.forward).parameters
-            self.key = "cache" if "cache" in params else "past_key_values"
+            self.key = hf_cache_kwarg(model)
 
     @property
     def length(self) -> int:

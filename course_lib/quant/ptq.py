@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from course_lib.quant import affine
+from course_lib.quant.layerwise import check_calibration_ids
 from course_lib.quant.observers import OBSERVERS, make_observer
 from course_lib.quant.qlinear import linear_weight, replace_module
 
@@ -270,18 +271,7 @@ class FakeQuantLinear(nn.Module):
 
 
 def _check_calibration(calibration_ids) -> torch.Tensor:
-    if calibration_ids is None:
-        raise ValueError("calibration_ids is empty: pass token ids [n_samples, seq_len], e.g. "
-                         "from course_lib.data.calibration_segments")
-    ids = torch.as_tensor(calibration_ids)
-    if ids.dim() == 1:
-        ids = ids[None]
-    if ids.dim() != 2 or ids.numel() == 0:
-        raise ValueError(f"calibration_ids must be a non-empty [n_samples, seq_len] tensor of token ids, "
-                         f"got shape {tuple(ids.shape)}")
-    if ids.is_floating_point():
-        raise ValueError(f"calibration_ids must hold integer token ids, got dtype {ids.dtype}")
-    return ids
+    return check_calibration_ids(calibration_ids)
 
 
 def _model_device(model: nn.Module) -> torch.device:

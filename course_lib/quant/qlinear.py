@@ -19,9 +19,7 @@ baseline); ``triton`` runs the fused kernels; ``auto`` uses Triton on CUDA, torc
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -216,6 +214,10 @@ class QuantizationReport:
     method: str
     replaced: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
+    #: per-layer figures from GPTQ / AWQ (name, output error of RTN vs the method, ...)
+    layer_log: list[dict] = field(default_factory=list)
+    options: dict = field(default_factory=dict)
+    seconds: float = 0.0
 
     def __str__(self) -> str:
         g = "per-channel" if self.group_size is None else f"group {self.group_size}"
@@ -268,45 +270,3 @@ def set_backend(model: nn.Module, backend: str) -> None:
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.backend = backend
-
-
-# --- safetensors checkpoints -----------------------------------------------------------------
-
-_META_KEY = "course_lib.quantization"
-
-
-def save_quantized(model: nn.Module, path: str | Path) -> Path:
-    """Write a quantized model's tensors and its layer layout to one .safetensors file."""
-    from safetensors.torch import save_model
-
-    layers = {name: {"in": m.in_features, "out": m.out_features, "bits": m.bits,
-                     "group_size": m.group_size, "bias": m.bias is not None, "scheme": m.scheme,
-                     "dtype": str(m.scales.dtype).removeprefix("torch.")}
-              for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-    if not layers:
-        raise ValueError("model has no QuantLinear layers; quantize it first")
-    path = Path(path)
-    save_model(model, str(path), metadata={_META_KEY: json.dumps(layers)})
-    return path
-
-
-def load_quantized(model: nn.Module, path: str | Path, backend: str = "auto") -> nn.Module:
-    """Load a `save_quantized` file into a float model of the same architecture (changed in place).
-
-    The float model only provides the structure (e.g. ``GPT2LMHeadModel(config)``); its linear
-    layers are replaced by empty QuantLinear layers of the saved layout, then every tensor is
-    loaded strictly, so a mismatched checkpoint is an error, not a silent partial load.
-    """
-    from safetensors import safe_open
-    from safetensors.torch import load_model
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = (f.metadata() or {}).get(_META_KEY)
-    if meta is None:
-        raise ValueError(f"{path} was not written by save_quantized (no {_META_KEY} metadata)")
-    for name, spec in json.loads(meta).items():
-        layer = QuantLinear(spec["in"], spec["out"], spec["bits"], spec["group_size"], spec["bias"],
-                            getattr(torch, spec["dtype"]), backend, scheme=spec["scheme"])
-        replace_module(model, name, layer)
-    load_model(model, str(path), strict=True)
-    return model

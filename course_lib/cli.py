@@ -21,6 +21,42 @@ def _build_exercises(args: argparse.Namespace) -> int:
     return build_exercises_cli(args.solutions, args.exercises, check=args.check)
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    from course_lib.quant.command import quantize_cli
+
+    return quantize_cli(args)
+
+
+def _group_size(text: str) -> int | None:
+    from course_lib.quant.command import parse_group_size
+
+    try:
+        return parse_group_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_quantize(sub) -> None:
+    q = sub.add_parser("quantize", help="quantize a model's weights (RTN, GPTQ or AWQ) and save a checkpoint")
+    q.add_argument("--model", default="tiny", help="tiny, gpt2, gpt2-medium, ... (default: tiny)")
+    q.add_argument("--method", choices=("rtn", "gptq", "awq"), default="gptq")
+    q.add_argument("--bits", type=int, choices=range(2, 9), default=4, metavar="{2..8}")
+    q.add_argument("--group-size", type=_group_size, default=128,
+                   help="input channels per scale, or 'none' for one scale per output channel (default: 128)")
+    q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
+    q.add_argument("--dataset", choices=("auto", "wikitext2", "stdlib"), default="auto",
+                   help="calibration and evaluation text (default: WikiText-2 when reachable, else stdlib)")
+    q.add_argument("--n-samples", type=int, default=128, help="calibration windows (default: 128)")
+    q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default: 512)")
+    q.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: 0)")
+    q.add_argument("--eval-tokens", type=int, default=65536,
+                   help="evaluation tokens for perplexity before/after; 0 = the whole test text (default: 65536)")
+    q.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
+    q.add_argument("--out", required=True, help="folder to write the checkpoint and report.json to")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=_quantize)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="course-lib", description="LLM inference optimization course: tools for learners, instructors and graders."
@@ -36,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--exercises", default="exercises", help="folder to write exercises to (default: exercises)")
     build.add_argument("--check", action="store_true", help="write nothing; exit 1 if exercises/ is out of date")
     build.set_defaults(func=_build_exercises)
+    _add_quantize(sub)
     return parser
 
 

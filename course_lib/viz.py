@@ -130,3 +130,33 @@ def plot_quant_report(report):
     fig.suptitle(f"measured on {report.machine}", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def plot_quant_quality(rows, title: str = ""):
+    """Perplexity of each method at each precision (grouped bars), FP32 as a dashed line.
+
+    ``rows`` are `course_lib.evaluation.quant_quality.QualityRow` objects (or dicts of them).
+    """
+    plt = _plt()
+    rows = [r if isinstance(r, dict) else vars(r) for r in rows]
+    fp32 = next(r["perplexity"] for r in rows if r["method"] == "FP32")
+    precisions = list(dict.fromkeys(r["precision"] for r in rows if r["method"] != "FP32"))
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "FP32"))
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    width = 0.8 / max(len(methods), 1)
+    values = []
+    for i, method in enumerate(methods):
+        heights = [next((r["perplexity"] for r in rows if r["method"] == method and r["precision"] == p),
+                        float("nan")) for p in precisions]
+        values += heights
+        ax.bar([j + i * width for j in range(len(precisions))], heights, width, label=method)
+    ax.axhline(fp32, color="black", linestyle="--", linewidth=1, label=f"FP32 {fp32:.2f}")
+    ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(precisions))], precisions)
+    finite = [v for v in values if v == v] + [fp32]
+    low, high = min(finite), max(finite)
+    ax.set_ylim(low - 0.3 * (high - low + 1e-9), high + 0.15 * (high - low + 1e-9))
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.legend(fontsize=8, ncol=len(methods) + 1)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig

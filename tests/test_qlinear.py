@@ -9,13 +9,8 @@ from transformers.pytorch_utils import Conv1D
 
 from course_lib.models.gpt import GPT
 from course_lib.quant.affine import fake_quantize
-from course_lib.quant.qlinear import (
-    QuantLinear,
-    is_linear_like,
-    load_quantized,
-    quantize_model,
-    save_quantized,
-)
+from course_lib.quant.checkpoint import load_quantized, save_quantized
+from course_lib.quant.qlinear import QuantLinear, is_linear_like, quantize_model
 
 
 def _linear(k: int = 64, n: int = 24, bias: bool = True) -> nn.Linear:

@@ -261,3 +261,23 @@ def test_awq_bad_input(small_gpt):
         awq_quantize_model(small_gpt, ids, scheme="float", progress=False)
     with pytest.raises(ValueError, match="name must be one of"):
         apply_scale(small_gpt.transformer.h[0], "ln_1", torch.ones(64))
+
+
+def test_search_tokens_limits_the_replayed_batches(small_gpt, monkeypatch):
+    import course_lib.quant.awq as awq
+
+    seen = []
+
+    def spy(layer, x_mean_abs, forward, *args, target=None, **kwargs):
+        seen.append(len(target))
+        return search_scale(layer, x_mean_abs, forward, *args, target=target, **kwargs)
+
+    monkeypatch.setattr(awq, "search_scale", spy)
+    ids = torch.randint(0, 101, (6, 32), generator=torch.Generator().manual_seed(0))
+    awq_quantize_model(small_gpt, ids, bits=4, group_size=32, batch_size=2, search_tokens=100, progress=False)
+    assert seen == [2] * 8  # 2 batches of 2 x 32 tokens cover 100; the third is not replayed
+    seen.clear()
+    awq_quantize_model(small_gpt, ids, bits=4, group_size=32, batch_size=2, search_tokens=None, progress=False)
+    assert seen == [3] * 8
+    with pytest.raises(ValueError, match="search_tokens"):
+        awq_quantize_model(small_gpt, ids, search_tokens=0, progress=False)

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from course_lib.quant.affine import check_bits, compute_qparams, dequantize, qrange, quantize_with
 from course_lib.quant.layerwise import (
     BLOCK_LAYERS,
+    BlockInputs,
     block_linears,
     capture_block_inputs,
     check_calibration_ids,
@@ -237,10 +238,23 @@ def _check_group_size(blocks: nn.ModuleList, group_size: int | None) -> None:
                                  f"(per-channel)")
 
 
+def _search_batches(inputs: BlockInputs, search_tokens: int | None) -> int:
+    """How many calibration batches the scale search replays: enough for ``search_tokens``."""
+    if search_tokens is None:
+        return len(inputs.hidden)
+    total = 0
+    for i, h in enumerate(inputs.hidden):
+        total += h.shape[0] * h.shape[1]
+        if total >= search_tokens:
+            return i + 1
+    return len(inputs.hidden)
+
+
 @torch.no_grad()
 def awq_quantize_model(model: nn.Module, calibration_ids: torch.Tensor, bits: int = 4,
                        group_size: int | None = 128, *, scheme: str | None = None, n_grid: int = 20,
-                       clip: bool = True, batch_size: int = 8, backend: str = "auto",
+                       clip: bool = True, batch_size: int = 8, search_tokens: int | None = 8192,
+                       backend: str = "auto",
                        inplace: bool = False,
                        progress: bool = True) -> tuple[nn.Module, QuantizationReport]:
     """AWQ-quantize every linear layer of a GPT-2's blocks (HF Conv1D or course_lib nn.Linear).
@@ -250,7 +264,9 @@ def awq_quantize_model(model: nn.Module, calibration_ids: torch.Tensor, bits: in
     the fused q/k/v ``c_attn``: q and k meet in ``q @ k.T``, so a per-layer output error does not
     measure what clipping them costs, and llm-awq skips q/k likewise); then RTN each layer into a
     `QuantLinear`. The next block's inputs are the float block's outputs, as in llm-awq.
-    Embeddings and ``lm_head`` (tied to ``wte``) stay float. Returns (model, report); the model
+    The statistics and clipping use every calibration token; the scale search (20 block runs
+    per group) replays only the first batches covering ``search_tokens`` (None = all), which
+    keeps a CPU run in minutes. Embeddings and ``lm_head`` (tied to ``wte``) stay float. Returns (model, report); the model
     is a copy unless ``inplace``.
     """
     start = time.perf_counter()
@@ -258,6 +274,8 @@ def awq_quantize_model(model: nn.Module, calibration_ids: torch.Tensor, bits: in
     _check_n_grid(n_grid)
     scheme = scheme or default_scheme(bits, group_size)
     qrange(bits, scheme)  # validates the scheme
+    if search_tokens is not None and search_tokens < 1:
+        raise ValueError(f"search_tokens must be >= 1 or None (all), got {search_tokens}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     ids = check_calibration_ids(calibration_ids)
@@ -267,20 +285,23 @@ def awq_quantize_model(model: nn.Module, calibration_ids: torch.Tensor, bits: in
     was_training = model.training
     model.eval()
     report = QuantizationReport(bits, group_size, scheme, "awq",
-                                options={"n_grid": n_grid, "clip": clip, "scaled_activations": []})
+                                options={"n_grid": n_grid, "clip": clip, "search_tokens": search_tokens,
+                                         "scaled_activations": []})
     inputs = capture_block_inputs(model, ids, batch_size)
     for i, block in enumerate(tqdm(transformer_blocks(model), desc="AWQ", disable=not progress)):
         prefix = f"transformer.h.{i}."
         layers = block_linears(block)
         xs = layer_inputs(block, inputs, list(layers))
-        target = run_block(block, inputs)  # float output: search target and next block's input
+        target = run_block(block, inputs)  # float output: the next block's input
+        n_search = _search_batches(inputs, search_tokens)
+        search = BlockInputs(inputs.hidden[:n_search], inputs.args[:n_search], inputs.kwargs[:n_search])
         error_rtn = {name: _output_mse(w, pseudo_quantize(w, bits, group_size, scheme), xs[name])
                      for name, w in ((n, linear_weight(m).detach()) for n, m in layers.items())}
         ratios, out_scales = {}, {}
         for name in SCALE_GROUPS:
             s, ratios[name], _ = search_scale(layers[name], activation_mean_abs(xs[name]),
-                                              partial(run_block, block, inputs), bits, group_size,
-                                              scheme, n_grid, target=target)
+                                              partial(run_block, block, search), bits, group_size,
+                                              scheme, n_grid, target=target[:n_search])
             apply_scale(block, name, s)
             xs[name] = [x / s.to(x.device, x.dtype) for x in xs[name]]
             if name == "attn.c_proj":  # c_attn's v-columns now output v / s

@@ -37,6 +37,11 @@ from course_lib.grading.checks_generation import (
     check_cached_generation,
     check_expected_speedup,
 )
+from course_lib.grading.checks_gptq import (
+    check_accumulate_hessian,
+    check_awq_scale_search,
+    check_gptq_column_step,
+)
 from course_lib.grading.core import CheckResult
 
 __all__ = [
@@ -44,12 +49,15 @@ __all__ = [
     "CheckResult",
     "Task",
     "check_accept_or_resample",
+    "check_accumulate_hessian",
     "check_asymmetric_quantize",
+    "check_awq_scale_search",
     "check_cached_attention",
     "check_cached_generation",
     "check_conv1d_to_linear",
     "check_dequantize",
     "check_expected_speedup",
+    "check_gptq_column_step",
     "check_int8_linear",
     "check_minmax_observer",
     "check_pack_int4",
@@ -87,6 +95,10 @@ TASKS: dict[str, Task] = {
     "02.int8_linear": Task("02_post_training_quantization", ("Int8Linear",), check_int8_linear),
     "02.conv1d_to_linear": Task("02_post_training_quantization", ("conv1d_to_linear",),
                                 check_conv1d_to_linear),
+    "03.accumulate_hessian": Task("03_gptq_awq", ("accumulate_hessian",), check_accumulate_hessian),
+    "03.gptq_column_step": Task("03_gptq_awq", ("quantize_column_and_propagate",),
+                                check_gptq_column_step),
+    "03.awq_scale_search": Task("03_gptq_awq", ("awq_search_ratio",), check_awq_scale_search),
     "04.cached_attention": Task("04_kv_cache", ("cached_attention",), check_cached_attention),
     "04.generate_with_cache": Task("04_kv_cache", ("generate_with_cache",), check_cached_generation),
     "07.accept_or_resample": Task("07_speculative_decoding", ("accept_or_resample",),

@@ -7,6 +7,8 @@
 - :mod:`~course_lib.kernels.w4a16`: float activations times packed int4 weights with per-group
   scales and zero points, dequantized inside the K loop (a split-K GEMV path for decode, a
   ``tl.dot`` tiled path for prefill).
+- :mod:`~course_lib.kernels.paged_attention`: writing K/V into a block-paged cache and
+  flash-decoding attention over it (split KV length, per-split log-sum-exp, merge).
 
 Launchers run the Triton kernel natively on CUDA, through Triton's interpreter on the CPU
 (``TRITON_INTERPRET=1``, set by :func:`course_lib.runtime.triton_mode` before the kernels are
@@ -50,8 +52,15 @@ def _interpret_triton_helpers() -> None:
 if triton_mode() == "interpret":  # decides the mode (and sets TRITON_INTERPRET) before any
     _interpret_triton_helpers()  # kernel below is defined
 
+from course_lib.kernels.paged_attention import (  # noqa: E402
+    gather_kv,
+    paged_decode_attention,
+    paged_prefill_attention,
+    store_kv,
+)
 from course_lib.kernels.quant import dequantize_per_group, quantize_per_group  # noqa: E402
 from course_lib.kernels.w4a16 import w4a16_matmul  # noqa: E402
 from course_lib.kernels.w8a16 import w8a16_matmul  # noqa: E402
 
-__all__ = ["dequantize_per_group", "quantize_per_group", "w4a16_matmul", "w8a16_matmul"]
+__all__ = ["dequantize_per_group", "gather_kv", "paged_decode_attention", "paged_prefill_attention",
+           "quantize_per_group", "store_kv", "w4a16_matmul", "w8a16_matmul"]

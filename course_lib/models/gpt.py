@@ -8,7 +8,11 @@ mirror HF's (``transformer.h.0.attn.c_attn``), so an HF state dict loads with on
 :func:`convert_hf_state_dict`.
 
 The KV cache is pluggable: pass ``cache=None`` to recompute everything (what the chapter calls
-"no cache"), or a :class:`ContiguousKVCache` to keep keys and values between calls.
+"no cache"), a :class:`ContiguousKVCache` to keep keys and values between calls, or a
+:class:`~course_lib.models.paged.PagedAttentionMetadata` (chapters 5-6): then ``idx`` is [1, N],
+the new tokens of many sequences side by side, their K/V go to a paged cache by slot mapping and
+each sequence attends to its own blocks. ``attention_mask`` (1 = token, 0 = padding, HF's
+convention) lets a left-padded batch share one contiguous cache (the static-batching baseline).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from course_lib.models.paged import PagedAttentionMetadata
 
 #: HF GPT-2 weights stored by Conv1D as [in, out]; transposed into nn.Linear's [out, in].
 _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -91,21 +97,50 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
 
-    def forward(self, x: torch.Tensor, cache: ContiguousKVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: ContiguousKVCache | PagedAttentionMetadata | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
+        if isinstance(cache, PagedAttentionMetadata):
+            return self.c_proj(self._paged(q, k, v, cache).reshape(B, T, C))
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
         past = 0
         if cache is not None:
             past = cache.length
             k, v = cache.update(self.layer_idx, k, v)
-        if past == 0:
+        if past == 0 and attention_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             # Query i sits at position past + i and may see keys 0 .. past + i.
             keep = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            if attention_mask is not None:  # [B, past + T]: padding keys are never seen, but a
+                keep = keep & attention_mask[:, None, None, :].bool()  # query always sees itself
+                cols = torch.arange(past + T, device=x.device)
+                keep = keep | (cols[None, :] == cols[past:, None])
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def _paged(self, q, k, v, meta: PagedAttentionMetadata) -> torch.Tensor:
+        """Store the new K/V by slot mapping, then attend over each sequence's blocks."""
+        from course_lib.kernels.paged_attention import (
+            paged_decode_attention,
+            paged_prefill_attention,
+            store_kv,
+        )
+
+        q, k, v = (t.reshape(-1, self.n_head, self.head_dim) for t in (q, k, v))
+        k_cache, v_cache = meta.cache.k[self.layer_idx], meta.cache.v[self.layer_idx]
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping, backend=meta.backend, validate=False)
+        d = meta.num_decodes  # one token each, first in the batch: the decode kernel
+        parts = []
+        if d:
+            parts.append(paged_decode_attention(q[:d], k_cache, v_cache, meta.block_tables[:d],
+                                                meta.context_lens[:d], backend=meta.backend,
+                                                validate=False))  # built by us: no GPU syncs
+        if d < len(meta.query_lens):  # prompts and prompt chunks: causal attention in torch
+            parts.append(paged_prefill_attention(q[d:], k_cache, v_cache, meta.block_tables[d:],
+                                                 meta.context_lens[d:], meta.query_lens[d:]))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 class MLP(nn.Module):
@@ -127,8 +162,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: ContiguousKVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x: torch.Tensor, cache: ContiguousKVCache | PagedAttentionMetadata | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, attention_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -149,20 +185,47 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight
 
-    def forward(self, idx: torch.Tensor, cache: ContiguousKVCache | None = None) -> torch.Tensor:
-        """Logits for token ids ``idx`` [B, T]; with a cache, ``idx`` continues the cached ones."""
+    def forward(self, idx: torch.Tensor, cache: ContiguousKVCache | PagedAttentionMetadata | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for token ids ``idx`` [B, T]; with a cache, ``idx`` continues the cached ones.
+
+        ``attention_mask`` [B, past + T] (1 = token, 0 = left padding) masks padding keys and
+        numbers positions from each row's first real token, as HF does. With paged metadata,
+        ``idx`` is [1, N] and the logits are [1, S, vocab], one row per sequence's last token.
+        """
+        if isinstance(cache, PagedAttentionMetadata):
+            return self._forward_paged(idx, cache)
         past = cache.length if cache is not None else 0
         T = idx.size(1)
         if past + T > self.config.n_positions:
             raise ValueError(
                 f"sequence of {past + T} tokens exceeds the model's context of {self.config.n_positions}"
             )
-        pos = torch.arange(past, past + T, device=idx.device)
+        if attention_mask is None:
+            pos = torch.arange(past, past + T, device=idx.device)
+        else:
+            if attention_mask.shape != (idx.size(0), past + T):
+                raise ValueError(f"attention_mask must be [batch, past + new tokens] = "
+                                 f"{[idx.size(0), past + T]}, got {list(attention_mask.shape)}")
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for block in self.transformer.h:
-            x = block(x, cache)
+            x = block(x, cache, attention_mask)
         if cache is not None:
             cache.length += T
+        return self.lm_head(self.transformer.ln_f(x))
+
+    def _forward_paged(self, idx: torch.Tensor, meta: PagedAttentionMetadata) -> torch.Tensor:
+        if idx.dim() != 2 or idx.size(0) != 1 or idx.size(1) != meta.positions.numel():
+            raise ValueError(f"paged forward takes idx [1, N] with N = {meta.positions.numel()} "
+                             f"new tokens, got {list(idx.shape)}")
+        if int(meta.positions.max()) >= self.config.n_positions:
+            raise ValueError(f"position {int(meta.positions.max())} exceeds the model's context of "
+                             f"{self.config.n_positions}")
+        x = self.transformer.wte(idx) + self.transformer.wpe(meta.positions)[None]
+        for block in self.transformer.h:
+            x = block(x, meta)
+        x = x[:, meta.logits_indices]  # only each sequence's last token needs logits
         return self.lm_head(self.transformer.ln_f(x))
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> ContiguousKVCache:

@@ -1,0 +1,233 @@
+"""The engine: schedule -> one batched forward pass -> sample -> update, once per step.
+
+:class:`LLMEngine` is a small, readable version of vLLM's ``LLMEngine``. Requests are added at
+any time (:meth:`add_request`); every :meth:`step` asks the scheduler for this iteration's
+sequences, runs *all of them in one forward pass* of :class:`course_lib.models.gpt.GPT` over the
+paged KV cache (decodes and prefill chunks side by side), samples one token for each sequence
+whose known tokens are now all cached, and returns what changed. :meth:`generate` drives it for
+an offline batch; the server of chapter 8 drives it from an asyncio loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from course_lib.generation.sampling import next_token
+from course_lib.models.gpt import GPT
+from course_lib.models.paged import PagedAttentionMetadata, PagedKVCache
+from course_lib.runtime import triton_mode
+from course_lib.serving.block_manager import BlockManager
+from course_lib.serving.scheduler import Scheduler, SchedulerOutput
+from course_lib.serving.sequence import SamplingParams, Sequence, SequenceStatus
+
+
+@dataclass
+class RequestOutput:
+    """What a step (or :meth:`LLMEngine.generate`) reports about one request."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    text: str | None
+    finished: bool
+    finish_reason: str | None
+    metrics: dict = field(default_factory=dict)
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class StepRecord:
+    """One engine step, for Gantt charts and the throughput/latency plots of notebook 05."""
+
+    start: float
+    end: float
+    scheduled: list[tuple[str, int]]  # (request id, tokens computed)
+    num_preempted: int = 0
+    idle: list[str] = field(default_factory=list)  # static batching: slots held, no useful work
+
+
+def default_backend(device: torch.device) -> str:
+    """Triton kernels where they compile (CUDA); the torch twins on the CPU, where the
+    interpreter would be far too slow to serve with (it is for checking kernels)."""
+    return "triton" if triton_mode() == "native" and device.type == "cuda" else "torch"
+
+
+class LLMEngine:
+    """Continuous batching over a paged KV cache for a :class:`GPT` (or an HF GPT-2, converted)."""
+
+    def __init__(self, model, tokenizer=None, *, num_blocks: int | None = None, block_size: int = 16,
+                 max_num_seqs: int = 32, max_num_batched_tokens: int = 512,
+                 kv_cache_bytes: int | None = None, enable_prefix_caching: bool = True,
+                 backend: str | None = None, record_steps: int = 100_000, seed: int = 0):
+        self.model = model if isinstance(model, GPT) else GPT.from_hf(model)
+        self.model.eval()
+        self.tokenizer = tokenizer
+        self.device = self.model.transformer.wte.weight.device
+        if num_blocks is None:
+            per_block = PagedKVCache.bytes_per_block(self.model, block_size)
+            num_blocks = (kv_cache_bytes // per_block if kv_cache_bytes
+                          else max_num_seqs * -(-self.model.config.n_positions // block_size))
+        self.cache = PagedKVCache.for_model(self.model, num_blocks, block_size)
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.backend = backend or default_backend(self.device)
+        self.eos_token_id = getattr(tokenizer, "eos_token_id", None)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.requests: dict[str, Sequence] = {}
+        self.finished_unreported: list[Sequence] = []
+        self.steps: deque[StepRecord] = deque(maxlen=record_steps)
+        self.num_prompt_tokens = self.num_generation_tokens = 0
+
+    # ---------------------------------------------------------------- requests
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, arrival_time: float | None = None) -> Sequence:
+        """Queue a prompt (text, or token ids); returns its :class:`Sequence`."""
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; pass token ids or a tokenizer")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+        context = self.model.config.n_positions
+        if len(ids) + params.max_tokens > context:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
+                             f"exceeds the model's context of {context} tokens")
+        if request_id is not None and request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        seq = Sequence(ids, params, request_id, text, arrival_time)
+        self.scheduler.add(seq)  # refuses a request the cache could never hold
+        seq.generator = (torch.Generator(device=self.device).manual_seed(params.seed)
+                         if params.seed is not None else self.generator)
+        self.requests[seq.request_id] = seq
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks. Unknown or finished: a no-op that returns False."""
+        seq = self.requests.get(request_id)
+        if seq is None or seq.is_finished:
+            return False
+        self.scheduler.finish(seq)
+        seq.finish("abort")
+        self.finished_unreported.append(seq)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---------------------------------------------------------------- one step
+    @torch.no_grad()
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; return an output for every request that got a token or finished."""
+        start = time.perf_counter()
+        plan = self.scheduler.schedule(start)
+        updated: list[Sequence] = []
+        if not plan.is_empty:
+            for src, dst in plan.copies:
+                self.cache.copy_block(src, dst)
+            logits = self._forward(plan)
+            argmax = logits.argmax(-1).tolist()  # greedy rows, with one device-to-host copy
+            now = time.perf_counter()
+            for row, (seq, n) in enumerate(plan.scheduled):
+                seq.num_computed_tokens += n
+                self.block_manager.mark_computed(seq)
+                if seq.num_computed_tokens < seq.num_tokens:
+                    continue  # a prefill chunk: no token until the whole prompt is in
+                if seq.num_output_tokens == 0:
+                    self.num_prompt_tokens += seq.num_prompt_tokens
+                token = argmax[row] if seq.params.temperature == 0 else int(next_token(
+                    logits[row], seq.params.temperature, seq.params.top_k, seq.params.top_p,
+                    seq.generator))
+                seq.append_token(token, now)
+                self.num_generation_tokens += 1
+                reason = self._finish_reason(seq)
+                if reason is not None:
+                    seq.finish(reason, now)
+                    self.scheduler.finish(seq)
+                updated.append(seq)
+        self.steps.append(StepRecord(start, time.perf_counter(),
+                                     [(s.request_id, n) for s, n in plan.scheduled],
+                                     len(plan.preempted)))
+        updated += self.finished_unreported
+        self.finished_unreported = []
+        for seq in updated:
+            if seq.is_finished:
+                self.requests.pop(seq.request_id, None)
+        return [self._output(seq) for seq in updated]
+
+    def _forward(self, plan: SchedulerOutput) -> torch.Tensor:
+        """One forward pass over every scheduled sequence's new tokens -> logits [S, vocab]."""
+        tokens, tables, starts, counts = [], [], [], []
+        for seq, n in plan.scheduled:
+            start = seq.num_computed_tokens
+            tokens += seq.token_ids[start:start + n]
+            tables.append(seq.block_table)
+            starts.append(start)
+            counts.append(n)
+        meta = PagedAttentionMetadata.build(self.cache, tables, starts, counts, self.backend)
+        idx = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        return self.model(idx, meta)[0]
+
+    def _finish_reason(self, seq: Sequence) -> str | None:
+        last, params = seq.token_ids[-1], seq.params
+        if last in params.stop_token_ids or (last == self.eos_token_id and not params.ignore_eos):
+            return "stop"
+        if seq.num_output_tokens >= params.max_tokens:
+            return "length"
+        return None
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        text = None
+        if self.tokenizer is not None and seq.is_finished:
+            text = self.tokenizer.decode(seq.output_token_ids)
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, seq.output_token_ids,
+                             text, seq.is_finished, seq.finish_reason, seq.metrics(),
+                             seq.num_cached_tokens)
+
+    # ---------------------------------------------------------------- offline batches
+    def generate(self, prompts: list[str] | list[list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None,
+                 progress: bool = True) -> list[RequestOutput]:
+        """Run a whole batch of prompts through the engine; outputs in the prompts' order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
+        ids: list[str] = []
+        try:
+            for prompt, sp in zip(prompts, params_list, strict=True):
+                ids.append(self.add_request(prompt, sp).request_id)
+        except ValueError:  # one bad prompt: queue none of the batch
+            for request_id in ids:
+                self.abort(request_id)
+                self.requests.pop(request_id)
+            self.finished_unreported = [s for s in self.finished_unreported if s.request_id not in ids]
+            raise
+        results: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="generate", unit="req", disable=not progress) as bar:
+            while self.has_unfinished_requests():
+                for out in self.step():
+                    if out.finished:
+                        results[out.request_id] = out
+                        bar.update(1)
+        return [results[i] for i in ids]
+
+    # ---------------------------------------------------------------- figures
+    def stats(self) -> dict[str, float]:
+        """Queue lengths, KV usage and counters (the figures the server exports as metrics)."""
+        usage = self.block_manager.usage(self.scheduler.running)
+        return {"num_running": len(self.scheduler.running),
+                "num_waiting": len(self.scheduler.waiting),
+                "kv_cache_usage": usage["utilization"],
+                "num_preemptions": self.scheduler.num_preemptions,
+                "prompt_tokens": self.num_prompt_tokens,
+                "generation_tokens": self.num_generation_tokens,
+                "prefix_hit_rate": usage["prefix_hit_rate"]}
+
+
+__all__ = ["LLMEngine", "RequestOutput", "SamplingParams", "Sequence", "SequenceStatus", "StepRecord"]

@@ -1,0 +1,136 @@
+"""Iteration-level scheduling: which sequences run in the next forward pass, and how many tokens.
+
+Static batching picks a batch and runs it until its longest request finishes. Continuous
+batching (Orca, vLLM) decides again at *every step*:
+
+1. **Running sequences first, decodes before prefills.** Each decode needs one token of the
+   step's budget and maybe one more KV block. When no block is free, the *newest* running
+   sequence is preempted by **recompute**: its blocks are freed and it goes back to the front of
+   the waiting queue, to be prefilled again (prompt + what it has generated) later.
+2. **Then waiting sequences**, oldest first, while the step has room: at most ``max_num_seqs``
+   running, at most ``max_num_batched_tokens`` tokens in the step. A prompt that does not fit in
+   the remaining token budget is **chunked**: part of it now, the rest in the next steps.
+
+Each step returns a :class:`SchedulerOutput`: ``(sequence, number of new tokens)`` pairs plus the
+copy-on-write block copies to apply before the forward pass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from course_lib.serving.block_manager import BlockManager
+from course_lib.serving.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    """Waiting and running queues over a :class:`BlockManager`, with per-step budgets."""
+
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 512):
+        for name, value in (("max_num_seqs", max_num_seqs),
+                            ("max_num_batched_tokens", max_num_batched_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if max_num_batched_tokens < block_manager.block_size:
+            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be at least "
+                             f"one block ({block_manager.block_size} tokens)")
+        if max_num_batched_tokens < max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= "
+                             f"max_num_seqs ({max_num_seqs}) so every running sequence can decode")
+        self.block_manager = block_manager
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def capacity_tokens(self) -> int:
+        return self.block_manager.num_blocks * self.block_manager.block_size
+
+    def add(self, seq: Sequence) -> None:
+        """Queue ``seq``; refuse one that could never fit in the pool even running alone."""
+        needed = seq.num_prompt_tokens + seq.params.max_tokens
+        if needed > self.capacity_tokens():
+            raise ValueError(
+                f"request {seq.request_id} needs up to {needed} KV slots (prompt "
+                f"{seq.num_prompt_tokens} + max_tokens {seq.params.max_tokens}) but the cache "
+                f"holds {self.capacity_tokens()} ({self.block_manager.num_blocks} blocks of "
+                f"{self.block_manager.block_size}); lower max_tokens or give the cache more blocks")
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        """Recompute preemption: drop the KV, keep the tokens, wait at the front of the queue."""
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = seq.num_cached_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+
+    def schedule(self, now: float | None = None) -> SchedulerOutput:
+        """Pick this step's sequences and token counts (see the module docstring)."""
+        now = time.perf_counter() if now is None else now
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        # 1. running: decodes first, then unfinished (chunked) prefills; oldest first within each
+        queue = sorted(self.running, key=lambda s: (not s.is_decoding, s.arrival_time, s.seq_id))
+        while queue and budget > 0:
+            seq = queue.pop(0)
+            n = min(seq.num_pending_tokens, budget)
+            while not self.block_manager.can_append(seq, n):
+                victim = max(queue, key=lambda s: (s.arrival_time, s.seq_id)) if queue else seq
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+                queue.remove(victim)
+            else:
+                out.copies += self.block_manager.append_slot(seq, n)
+                out.scheduled.append((seq, n))
+                budget -= n
+        # 2. waiting, oldest first (preempted sequences are at the front), unless we preempted
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs \
+                and not out.preempted:
+            seq = self.waiting[0]
+            if not self.block_manager.can_allocate(seq):
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq)
+            n = min(seq.num_pending_tokens, budget)
+            seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+            self.running.append(seq)
+            out.scheduled.append((seq, n))
+            budget -= n
+        return out
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished (or aborted) sequence and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)

@@ -68,8 +68,14 @@ def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table_row: tor
     if bool(((blocks < 0) | (blocks >= num_blocks)).any()):
         raise ValueError(f"gather_kv: block_table_row[:{n}] must hold block ids in 0..{num_blocks - 1}, "
                          f"got {blocks.tolist()}")
-    k = k_cache[blocks].flatten(0, 1)[:L]  # [n, block_size, H, D] -> [n * block_size, H, D] -> [L, H, D]
-    v = v_cache[blocks].flatten(0, 1)[:L]
+    return _gather(k_cache, v_cache, blocks, L)
+
+
+def _gather(k_cache, v_cache, blocks: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gather_kv` without the checks. [n, block_size, H, D] -> [n * block_size, H, D] ->
+    [L, H, D]; index_select copies whole blocks, about twice as fast as k_cache[blocks] on a CPU."""
+    k = k_cache.index_select(0, blocks).flatten(0, 1)[:L]
+    v = v_cache.index_select(0, blocks).flatten(0, 1)[:L]
     return k, v
 
 
@@ -456,15 +462,27 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     # SDPA in the inputs' dtype on the GPU; float32 on the CPU (half matmuls are slow there)
     compute = q.dtype if q.device.type == "cuda" else torch.float32
 
+    tables, bs = block_tables.long(), k_cache.shape[1]
+    used = torch.arange(tables.shape[1], device=tables.device)[None, :] < torch.tensor(
+        [_cdiv(L, bs) for L in ctx], device=tables.device)[:, None]
+    if max(_cdiv(L, bs) for L in ctx) > tables.shape[1] or bool(
+            ((tables < 0) | (tables >= k_cache.shape[0]))[used].any()):  # one check for all rows
+        raise ValueError(f"{name}: block_tables must hold ceil(context_lens / block_size) valid "
+                         f"block ids (0..{k_cache.shape[0] - 1}) per row")
+    same = compute == q.dtype
+
     outs, first = [], 0
     for i, (L, n) in enumerate(zip(ctx, qlens, strict=True)):
-        k, v = gather_kv(k_cache, v_cache, block_tables[i], L)  # [L, H, D]
+        k, v = _gather(k_cache, v_cache, tables[i, :_cdiv(L, bs)], L)  # [L, H, D]
         qi = q[first:first + n]
         first += n
-        # query j sits at position L - n + j and sees keys 0..L - n + j
-        visible = (torch.arange(L, device=q.device)[None, :]
-                   <= torch.arange(L - n, L, device=q.device)[:, None])
-        o = F.scaled_dot_product_attention(qi.transpose(0, 1).to(compute), k.transpose(0, 1).to(compute),
-                                           v.transpose(0, 1).to(compute), attn_mask=visible, scale=scale)
-        outs.append(o.transpose(0, 1).to(q.dtype))  # [H, n, D] -> [n, H, D]
+        # query j sits at position L - n + j and sees keys 0..L - n + j: no mask for a single
+        # (decode) query, SDPA's own causal mask for a whole prompt, an explicit one for a chunk
+        causal, visible = n == L and n > 1, None
+        if 1 < n < L:
+            visible = (torch.arange(L, device=q.device)[None, :]
+                       <= torch.arange(L - n, L, device=q.device)[:, None])
+        qi, k, v = (t.transpose(0, 1) if same else t.transpose(0, 1).to(compute) for t in (qi, k, v))
+        o = F.scaled_dot_product_attention(qi, k, v, attn_mask=visible, is_causal=causal, scale=scale)
+        outs.append(o.transpose(0, 1) if same else o.transpose(0, 1).to(q.dtype))  # [n, H, D]
     return torch.cat(outs) if outs else q.new_empty(q.shape)

@@ -131,7 +131,10 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.reshape(-1, self.n_head, self.head_dim) for t in (q, k, v))
         k_cache, v_cache = meta.cache.k[self.layer_idx], meta.cache.v[self.layer_idx]
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping, backend=meta.backend, validate=False)
-        d = meta.num_decodes  # one token each, first in the batch: the decode kernel
+        # Decodes (one token each, first in the batch) go to the flash-decoding kernel. The torch
+        # path serves them one sequence at a time instead: on a CPU, gathering each sequence's own
+        # blocks beats the batched twin, which pads every sequence to the longest.
+        d = meta.num_decodes if meta.backend != "torch" else 0
         parts = []
         if d:
             parts.append(paged_decode_attention(q[:d], k_cache, v_cache, meta.block_tables[:d],

@@ -160,3 +160,171 @@ def plot_quant_quality(rows, title: str = ""):
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def plot_block_tables(block_tables, num_tokens, num_blocks: int, block_size: int,
+                      title: str | None = None):
+    """Block tables drawn as an OS page table: logical blocks (top) -> physical blocks (bottom).
+
+    ``block_tables`` maps a sequence name to its physical block ids in logical order,
+    ``num_tokens`` maps the same names to their token counts (the last block is drawn partly
+    filled). The bottom row is the whole pool of ``num_blocks`` blocks: a block held by one
+    sequence takes its colour, a shared block is grey and labelled with its reference count,
+    a free block is white.
+    """
+    from matplotlib.patches import Rectangle
+
+    plt = _plt()
+    names = list(block_tables)
+    colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(names)}
+    owners: dict[int, list[str]] = {}
+    for name in names:
+        for block in block_tables[name]:
+            owners.setdefault(int(block), []).append(name)
+    width = max([num_blocks] + [len(t) for t in block_tables.values()])
+    rows = len(names)
+    fig, ax = plt.subplots(figsize=(min(1.0 + 0.55 * width, 16), 1.3 + 0.75 * rows + 1.2))
+    pool_y = -1.6
+    for i, name in enumerate(names):  # one row of logical blocks per sequence
+        y = rows - 1 - i
+        ax.text(-0.3, y + 0.4, name, ha="right", va="center", fontsize=9)
+        for j, block in enumerate(block_tables[name]):
+            used = min(max(num_tokens[name] - j * block_size, 0), block_size) / block_size
+            ax.add_patch(Rectangle((j, y), 0.9, 0.8, facecolor="white", edgecolor="0.3"))
+            ax.add_patch(Rectangle((j, y), 0.9 * used, 0.8, facecolor=colors[name], alpha=0.75))
+            ax.text(j + 0.45, y + 0.4, f"L{j}\n→{block}", ha="center", va="center", fontsize=7)
+            ax.annotate("", xy=(int(block) + 0.45, pool_y + 0.85), xytext=(j + 0.45, y),
+                        arrowprops=dict(arrowstyle="->", color=colors[name], alpha=0.5, lw=0.8))
+    for block in range(num_blocks):  # the physical pool
+        held = owners.get(block, [])
+        face = "white" if not held else (colors[held[0]] if len(held) == 1 else "0.6")
+        ax.add_patch(Rectangle((block, pool_y), 0.9, 0.8, facecolor=face, edgecolor="0.3",
+                               alpha=0.75 if held else 1.0))
+        label = f"{block}" + (f"\n×{len(held)}" if len(held) > 1 else "")
+        ax.text(block + 0.45, pool_y + 0.4, label, ha="center", va="center", fontsize=7)
+    ax.text(-0.3, pool_y + 0.4, "physical\nblocks", ha="right", va="center", fontsize=9)
+    ax.set_xlim(-2.2, width + 0.2)
+    ax.set_ylim(pool_y - 0.3, rows + 0.1)
+    ax.axis("off")
+    ax.set_title(title or f"block tables: logical block -> physical block ({block_size} slots "
+                 "per block; bar = slots filled)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# --- chapter 5: continuous batching ----------------------------------------------------------
+
+#: Gantt colours: prefill (prompt tokens), decode (one token), idle (a slot held, nothing useful:
+#: static batching's finished rows), and waiting (held by a running request this step skipped).
+GANTT_COLORS = {"prefill": "tab:orange", "decode": "tab:blue", "idle": "tab:red",
+                "waiting": "0.85"}
+
+
+def batch_slots(steps) -> dict[str, tuple[int, int, int]]:
+    """``{request_id: (slot, first step, last step)}`` for a list of ``StepRecord``.
+
+    A request takes the lowest free slot at the first step it appears in (scheduled or idle)
+    and keeps it until the last one, as a row of a static batch, or a place in the engine's
+    running set, does.
+    """
+    first, last = {}, {}
+    for i, step in enumerate(steps):
+        for request_id in [r for r, _ in step.scheduled] + list(step.idle):
+            first.setdefault(request_id, i)
+            last[request_id] = i
+    slots, busy_until = {}, []  # busy_until[slot] = last step of the request holding it
+    for request_id in sorted(first, key=lambda r: (first[r], str(r))):
+        free = [s for s, until in enumerate(busy_until) if until < first[request_id]]
+        slot = free[0] if free else len(busy_until)
+        if slot == len(busy_until):
+            busy_until.append(0)
+        busy_until[slot] = last[request_id]
+        slots[request_id] = (slot, first[request_id], last[request_id])
+    return slots
+
+
+def plot_batch_gantt(steps, *, title: str | None = None, num_slots: int | None = None,
+                     x: str = "time", ax=None, label_requests: bool = True):
+    """Batch slots over time: one row per slot, one bar per (slot, step), coloured by the work done.
+
+    ``steps`` are ``StepRecord`` objects (from ``LLMEngine.steps`` or static batching). With
+    ``x="time"`` a bar spans the step's measured start..end (seconds from the first step);
+    with ``x="step"`` each step is one unit wide. A request's first step, or any step giving
+    it more than one token, is prefill; one token is decode; ``idle`` ids are slots held doing
+    nothing useful (static batching's finished rows, computing padding).
+    """
+    from matplotlib.patches import Patch
+
+    plt = _plt()
+    steps = list(steps)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(11, 0.5 + 0.32 * max(num_slots or 0, 4)))
+    else:
+        fig = ax.figure
+    slots = batch_slots(steps)
+    t0 = steps[0].start if steps else 0.0
+    bars: dict[str, dict[int, list[tuple[float, float]]]] = {k: {} for k in GANTT_COLORS}
+    for i, step in enumerate(steps):
+        left, width = (step.start - t0, step.end - step.start) if x == "time" else (i, 1.0)
+        present = set()
+        for request_id, n in step.scheduled:
+            present.add(request_id)
+            slot, first, _ = slots[request_id]
+            kind = "idle" if request_id in step.idle else \
+                "prefill" if (n > 1 or i == first) else "decode"
+            bars[kind].setdefault(slot, []).append((left, width))
+        for request_id in step.idle:
+            if request_id not in present:
+                present.add(request_id)
+                bars["idle"].setdefault(slots[request_id][0], []).append((left, width))
+        for request_id, (slot, first, last) in slots.items():
+            if first <= i <= last and request_id not in present:
+                bars["waiting"].setdefault(slot, []).append((left, width))
+    for kind, per_slot in bars.items():
+        for slot, spans in per_slot.items():
+            ax.broken_barh(spans, (slot - 0.4, 0.8), facecolors=GANTT_COLORS[kind], linewidth=0)
+    if label_requests and len(slots) <= 40:
+        for request_id, (slot, first, _) in slots.items():
+            left = steps[first].start - t0 if x == "time" else first
+            ax.text(left, slot, f" {request_id}", va="center", ha="left", fontsize=6, color="black")
+    rows = max(num_slots or 0, 1 + max((s for s, _, _ in slots.values()), default=0))
+    ax.set_ylim(rows - 0.5, -0.5)
+    ax.set_yticks(range(rows))
+    ax.set_ylabel("batch slot")
+    ax.set_xlabel("seconds since the first step" if x == "time" else "step")
+    ax.legend(handles=[Patch(color=c, label=k) for k, c in GANTT_COLORS.items()], fontsize=7,
+              loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=4, frameon=False)
+    if title:
+        ax.set_title(title, fontsize=9, loc="left")
+    return fig
+
+
+def plot_throughput_latency(series: dict, x: str = "max_num_seqs", title: str | None = None):
+    """Three panels against ``x``: output tokens/s, end-to-end latency and TTFT (p50 solid, p99
+    dashed), one colour per series.
+
+    ``series``: ``{label: rows}``, each row a dict with ``x``, ``"tokens_per_s"``, and
+    ``"e2e_p50"``, ``"e2e_p99"``, ``"ttft_p50"``, ``"ttft_p99"`` in seconds.
+    """
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    for (label, rows), color in zip(series.items(), ("tab:green", "tab:red", "tab:blue",
+                                                     "tab:purple"), strict=False):
+        xs = [r[x] for r in rows]
+        axes[0].plot(xs, [r["tokens_per_s"] for r in rows], "o-", color=color, label=label)
+        for ax, key in ((axes[1], "e2e"), (axes[2], "ttft")):
+            ax.plot(xs, [r[f"{key}_p50"] for r in rows], "o-", color=color, label=f"{label} p50")
+            ax.plot(xs, [r[f"{key}_p99"] for r in rows], "s--", color=color, label=f"{label} p99")
+    for ax, ylabel in zip(axes, ("output tokens / s", "end-to-end latency (s)",
+                                 "time to first token (s)"), strict=True):
+        ax.set_xscale("log", base=2)
+        ticks = sorted({r[x] for rows in series.values() for r in rows})
+        ax.set_xticks(ticks, [str(v) for v in ticks])
+        ax.set_xlabel(x)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

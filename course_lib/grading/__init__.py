@@ -31,6 +31,7 @@ from course_lib.grading.checks import (
     check_per_group_quantize,
     check_symmetric_quantize,
 )
+from course_lib.grading.checks_batching import check_request_metrics, check_schedule_step
 from course_lib.grading.checks_generation import (
     check_accept_or_resample,
     check_cached_attention,
@@ -42,6 +43,11 @@ from course_lib.grading.checks_gptq import (
     check_awq_scale_search,
     check_gptq_column_step,
 )
+from course_lib.grading.checks_paged import (
+    check_block_allocator,
+    check_paged_attention,
+    check_slot_mapping,
+)
 from course_lib.grading.core import CheckResult
 
 __all__ = [
@@ -52,6 +58,7 @@ __all__ = [
     "check_accumulate_hessian",
     "check_asymmetric_quantize",
     "check_awq_scale_search",
+    "check_block_allocator",
     "check_cached_attention",
     "check_cached_generation",
     "check_conv1d_to_linear",
@@ -61,7 +68,11 @@ __all__ = [
     "check_int8_linear",
     "check_minmax_observer",
     "check_pack_int4",
+    "check_paged_attention",
     "check_per_group_quantize",
+    "check_request_metrics",
+    "check_schedule_step",
+    "check_slot_mapping",
     "check_symmetric_quantize",
     "grade",
     "total_points",
@@ -101,6 +112,12 @@ TASKS: dict[str, Task] = {
     "03.awq_scale_search": Task("03_gptq_awq", ("awq_search_ratio",), check_awq_scale_search),
     "04.cached_attention": Task("04_kv_cache", ("cached_attention",), check_cached_attention),
     "04.generate_with_cache": Task("04_kv_cache", ("generate_with_cache",), check_cached_generation),
+    "05.schedule_step": Task("05_continuous_batching", ("schedule_step",), check_schedule_step),
+    "05.request_metrics": Task("05_continuous_batching", ("request_metrics",),
+                               check_request_metrics),
+    "06.block_allocator": Task("06_paged_attention", ("BlockAllocator",), check_block_allocator),
+    "06.slot_mapping": Task("06_paged_attention", ("slot_mapping",), check_slot_mapping),
+    "06.paged_attention": Task("06_paged_attention", ("paged_attention",), check_paged_attention),
     "07.accept_or_resample": Task("07_speculative_decoding", ("accept_or_resample",),
                                   check_accept_or_resample),
     "07.expected_speedup": Task("07_speculative_decoding", ("expected_speedup",),

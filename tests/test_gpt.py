@@ -103,3 +103,27 @@ def test_missing_weight_is_an_error(random_hf_gpt2):
     ours = GPT(GPTConfig.from_hf(random_hf_gpt2.config))
     with pytest.raises(RuntimeError, match="c_fc.weight"):
         ours.load_hf_state_dict(sd)
+
+
+def test_logits_to_keep_and_left_padding_mask():
+    """logits_to_keep=1 gives the last position's logits; a left-padded row of a batch with an
+    attention_mask gives the same logits as the row alone, in prefill and in cached decode."""
+    from course_lib.models.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=4)).eval()
+    a, b = torch.randint(0, 50, (1, 7)), torch.randint(0, 50, (1, 3))
+    with torch.no_grad():
+        full = model(a)
+        torch.testing.assert_close(model(a, logits_to_keep=1), full[:, -1:])
+        ids = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
+        mask = torch.ones(2, 7, dtype=torch.long)
+        mask[1, :4] = 0
+        cache = model.new_cache(2, 16)
+        out = model(ids, cache, attention_mask=mask)
+        torch.testing.assert_close(out[0], full[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[1, 4:], model(b)[0], rtol=1e-5, atol=1e-5)
+        nxt = torch.tensor([[5], [6]])
+        step = model(nxt, cache, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1))
+        torch.testing.assert_close(step[1, -1], model(torch.cat([b, nxt[1:]], 1))[0, -1],
+                                   rtol=1e-5, atol=1e-5)

@@ -189,12 +189,14 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight
 
     def forward(self, idx: torch.Tensor, cache: ContiguousKVCache | PagedAttentionMetadata | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
         """Logits for token ids ``idx`` [B, T]; with a cache, ``idx`` continues the cached ones.
 
         ``attention_mask`` [B, past + T] (1 = token, 0 = left padding) masks padding keys and
-        numbers positions from each row's first real token, as HF does. With paged metadata,
-        ``idx`` is [1, N] and the logits are [1, S, vocab], one row per sequence's last token.
+        numbers positions from each row's first real token, as HF does. ``logits_to_keep=k``
+        computes logits for the last k positions only (HF's name; 0 = all): generation needs
+        just the last, and the vocabulary projection of a whole prompt is not free. With paged
+        metadata, ``idx`` is [1, N] and the logits are [1, S, vocab], one per sequence's last token.
         """
         if isinstance(cache, PagedAttentionMetadata):
             return self._forward_paged(idx, cache)
@@ -216,6 +218,8 @@ class GPT(nn.Module):
             x = block(x, cache, attention_mask)
         if cache is not None:
             cache.length += T
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         return self.lm_head(self.transformer.ln_f(x))
 
     def _forward_paged(self, idx: torch.Tensor, meta: PagedAttentionMetadata) -> torch.Tensor:

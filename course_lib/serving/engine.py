@@ -52,6 +52,11 @@ class StepRecord:
     idle: list[str] = field(default_factory=list)  # static batching: slots held, no useful work
 
 
+#: KV cache size when neither ``num_blocks`` nor ``kv_cache_bytes`` is given (CPU, CUDA): never
+#: more than ``max_num_seqs`` full-context sequences need.
+DEFAULT_KV_BYTES = {False: 512 * 2**20, True: 4 * 2**30}
+
+
 def default_backend(device: torch.device) -> str:
     """Triton kernels where they compile (CUDA); the torch twins on the CPU, where the
     interpreter would be far too slow to serve with (it is for checking kernels)."""
@@ -59,7 +64,12 @@ def default_backend(device: torch.device) -> str:
 
 
 class LLMEngine:
-    """Continuous batching over a paged KV cache for a :class:`GPT` (or an HF GPT-2, converted)."""
+    """Continuous batching over a paged KV cache for a :class:`GPT` (or an HF GPT-2, converted).
+
+    The cache gets ``num_blocks`` blocks of ``block_size`` tokens, or as many as fit in
+    ``kv_cache_bytes``, or by default enough for ``max_num_seqs`` full-context sequences capped
+    at 512 MiB on a CPU and 4 GiB on a GPU (:data:`DEFAULT_KV_BYTES`).
+    """
 
     def __init__(self, model, tokenizer=None, *, num_blocks: int | None = None, block_size: int = 16,
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 512,
@@ -69,10 +79,13 @@ class LLMEngine:
         self.model.eval()
         self.tokenizer = tokenizer
         self.device = self.model.transformer.wte.weight.device
-        if num_blocks is None:
+        if num_blocks is None:  # from a memory budget, as vLLM sizes its cache from GPU memory
             per_block = PagedKVCache.bytes_per_block(self.model, block_size)
-            num_blocks = (kv_cache_bytes // per_block if kv_cache_bytes
-                          else max_num_seqs * -(-self.model.config.n_positions // block_size))
+            full = max_num_seqs * -(-self.model.config.n_positions // block_size)
+            if kv_cache_bytes:
+                num_blocks = max(1, kv_cache_bytes // per_block)
+            else:
+                num_blocks = max(1, min(full, DEFAULT_KV_BYTES[self.device.type == "cuda"] // per_block))
         self.cache = PagedKVCache.for_model(self.model, num_blocks, block_size)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)

@@ -117,7 +117,7 @@ def run_static_batching(model, prompts: list[list[int]], params: SamplingParams 
         real = list(lens)  # real tokens (no padding) each row holds in the cache after that pass
         while True:
             start = time.perf_counter()
-            logits = model(idx, cache, attention_mask=mask)[:, -1]
+            logits = model(idx, cache, attention_mask=mask, logits_to_keep=1)[:, -1]
             if greedy:
                 picked = logits.argmax(-1).tolist()
             else:

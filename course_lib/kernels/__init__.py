@@ -1,4 +1,4 @@
-"""Triton kernels for quantized inference, each beside its plain-torch reference twin.
+"""Triton kernels (quantized matmuls, paged attention), each beside its plain-torch reference twin.
 
 - :mod:`~course_lib.kernels.quant`: per-group quantize / dequantize (2..8 bits, symmetric or
   asymmetric).

@@ -416,7 +416,7 @@ def _as_int_list(x, arg: str, name: str) -> list[int]:
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, context_lens, query_lens,
-                            scale=None) -> torch.Tensor:
+                            scale=None, *, validate: bool = True) -> torch.Tensor:
     """Causal attention for prompt (or prompt-chunk) tokens whose K/V are already in the cache.
 
     Torch only, by design: with many queries per sequence, prefill is compute-bound and
@@ -434,6 +434,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         query_lens: ``B`` ints, each in 1..context_lens[i]; fewer than the context for chunked
             prefill (earlier chunks already cached).
         scale: softmax scale; None means ``1 / sqrt(D)``.
+        validate: check that the used block-table entries are valid block ids (reads the table:
+            a device sync on the GPU); the engine, which built the table, passes False.
 
     Returns ``[N_total, H, D]``: query at position p attends to keys 0..p of its own sequence.
     """
@@ -463,10 +465,14 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     compute = q.dtype if q.device.type == "cuda" else torch.float32
 
     tables, bs = block_tables.long(), k_cache.shape[1]
-    used = torch.arange(tables.shape[1], device=tables.device)[None, :] < torch.tensor(
-        [_cdiv(L, bs) for L in ctx], device=tables.device)[:, None]
-    if max(_cdiv(L, bs) for L in ctx) > tables.shape[1] or bool(
-            ((tables < 0) | (tables >= k_cache.shape[0]))[used].any()):  # one check for all rows
+    if max(_cdiv(L, bs) for L in ctx) > tables.shape[1]:
+        raise ValueError(f"{name}: block_tables has {tables.shape[1]} columns, fewer than "
+                         f"ceil(max(context_lens) / block_size) = {_cdiv(max(ctx), bs)}")
+    if validate:  # every used entry a valid block id, all rows at once
+        used = torch.arange(tables.shape[1], device=tables.device)[None, :] < torch.tensor(
+            [_cdiv(L, bs) for L in ctx], device=tables.device)[:, None]
+        invalid = bool(((tables < 0) | (tables >= k_cache.shape[0]))[used].any())
+    if validate and invalid:
         raise ValueError(f"{name}: block_tables must hold ceil(context_lens / block_size) valid "
                          f"block ids (0..{k_cache.shape[0] - 1}) per row")
     same = compute == q.dtype

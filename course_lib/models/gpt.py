@@ -142,7 +142,8 @@ class CausalSelfAttention(nn.Module):
                                                 validate=False))  # built by us: no GPU syncs
         if d < len(meta.query_lens):  # prompts and prompt chunks: causal attention in torch
             parts.append(paged_prefill_attention(q[d:], k_cache, v_cache, meta.block_tables[d:],
-                                                 meta.context_lens[d:], meta.query_lens[d:]))
+                                                 meta.context_lens[d:], meta.query_lens[d:],
+                                                 validate=False))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 

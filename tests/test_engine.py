@@ -158,3 +158,12 @@ def test_triton_kernels_in_the_engine_match(tiny, prompts, expected):
     engine = LLMEngine(*tiny, num_blocks=16, block_size=8, backend="triton")
     outs = engine.generate([prompts[0], prompts[2]], [greedy(4), greedy(4)], progress=False)
     assert [o.output_token_ids for o in outs] == [expected[0][:4], expected[2][:4]]
+
+
+def test_generate_names_requests_and_refuses_duplicates(tiny, prompts):
+    engine = LLMEngine(*tiny, num_blocks=64)
+    outs = engine.generate(prompts[:2], greedy(2), progress=False, request_ids=["a", "b"])
+    assert [o.request_id for o in outs] == ["a", "b"]
+    with pytest.raises(ValueError, match="already in use"):
+        engine.generate(prompts[:2], greedy(2), progress=False, request_ids=["c", "c"])
+    assert not engine.has_unfinished_requests()

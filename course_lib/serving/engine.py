@@ -206,15 +206,22 @@ class LLMEngine:
     # ---------------------------------------------------------------- offline batches
     def generate(self, prompts: list[str] | list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None,
-                 progress: bool = True) -> list[RequestOutput]:
-        """Run a whole batch of prompts through the engine; outputs in the prompts' order."""
+                 progress: bool = True, request_ids: list[str] | None = None) -> list[RequestOutput]:
+        """Run a whole batch of prompts through the engine; outputs in the prompts' order.
+
+        ``request_ids`` names the requests (e.g. ``["0", "1", ...]`` to match another run's
+        labels); by default the engine numbers them.
+        """
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
+        names = request_ids if request_ids is not None else [None] * len(prompts)
+        if len(names) != len(prompts):
+            raise ValueError(f"got {len(names)} request_ids for {len(prompts)} prompts")
         ids: list[str] = []
         try:
-            for prompt, sp in zip(prompts, params_list, strict=True):
-                ids.append(self.add_request(prompt, sp).request_id)
+            for prompt, sp, name in zip(prompts, params_list, names, strict=True):
+                ids.append(self.add_request(prompt, sp, request_id=name).request_id)
         except ValueError:  # one bad prompt: queue none of the batch
             for request_id in ids:
                 self.abort(request_id)

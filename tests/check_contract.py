@@ -31,3 +31,25 @@ def assert_not_implemented_is_reported(check, stub) -> None:
     assert "not implemented yet" in result.message
     with pytest.raises(AssertionError, match="not implemented yet"):
         check(stub)
+
+
+def contract_tests(right: dict, wrong: list, stub):
+    """The three parametrized tests above for one chapter's checks, to assign at module level:
+    ``right`` maps each check to right answers, ``wrong`` lists (check, wrong answer, expected
+    text), ``stub`` is a NotImplementedError stub or a dict check -> stub."""
+    stubs = stub if isinstance(stub, dict) else dict.fromkeys(right, stub)
+
+    @pytest.mark.parametrize("check, learner", [(c, f) for c, fs in right.items() for f in fs],
+                             ids=lambda x: x.__name__)
+    def test_right_answer_passes(check, learner, capsys) -> None:
+        assert_right_answer_passes(check, learner, capsys)
+
+    @pytest.mark.parametrize("check, learner, expected", wrong, ids=[f.__name__ for _, f, _ in wrong])
+    def test_wrong_answer_fails(check, learner, expected) -> None:
+        assert_wrong_answer_fails(check, learner, expected)
+
+    @pytest.mark.parametrize("check", list(right), ids=lambda c: c.__name__)
+    def test_not_implemented_is_reported(check) -> None:
+        assert_not_implemented_is_reported(check, stubs[check])
+
+    return test_right_answer_passes, test_wrong_answer_fails, test_not_implemented_is_reported

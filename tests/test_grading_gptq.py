@@ -6,13 +6,8 @@ compare with), so a pass means the check accepts an independent implementation.
 
 from __future__ import annotations
 
-import pytest
 import torch
-from check_contract import (
-    assert_not_implemented_is_reported,
-    assert_right_answer_passes,
-    assert_wrong_answer_fails,
-)
+from check_contract import contract_tests
 
 from course_lib import grading
 from course_lib.grading import (
@@ -186,20 +181,8 @@ def not_implemented(*args, **kwargs):
 # --- tests -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("check, learner", [(c, f) for c, fs in RIGHT.items() for f in fs],
-                         ids=lambda x: x.__name__)
-def test_right_answer_passes(check, learner, capsys) -> None:
-    assert_right_answer_passes(check, learner, capsys)
-
-
-@pytest.mark.parametrize("check, learner, expected", WRONG, ids=[f.__name__ for _, f, _ in WRONG])
-def test_wrong_answer_fails(check, learner, expected, capsys) -> None:
-    assert_wrong_answer_fails(check, learner, expected)
-
-
-@pytest.mark.parametrize("check", list(RIGHT), ids=lambda c: c.__name__)
-def test_not_implemented_is_reported(check, capsys) -> None:
-    assert_not_implemented_is_reported(check, not_implemented)
+test_right_answer_passes, test_wrong_answer_fails, test_not_implemented_is_reported = \
+    contract_tests(RIGHT, WRONG, not_implemented)
 
 
 def test_points_and_registry() -> None:

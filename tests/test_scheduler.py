@@ -44,18 +44,18 @@ def test_decodes_first_then_prefills_within_budgets():
 
 
 def test_preempts_newest_by_recompute_when_blocks_run_out():
-    bm = BlockManager(4, 4)  # 16 slots
+    bm = BlockManager(6, 4)  # 24 slots
     sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=16)
-    old, new = seq(4, 8, t=0), seq(4, 8, t=1)
-    sched.add(old)
-    sched.add(new)
-    run_step(sched)  # both prompts in: 2 blocks, one token generated each
-    run_step(sched)  # both decode into a second block each: 4 blocks, pool full
+    old, mid, new = seq(4, 8, t=0), seq(4, 8, t=1), seq(4, 8, t=2)
+    for s in (old, mid, new):
+        sched.add(s)
+    run_step(sched)  # all prompts in: 3 blocks, one token generated each
+    run_step(sched)  # all decode into a second block each: 6 blocks, pool full
     assert bm.num_free_blocks == 0
     for _ in range(3):
         run_step(sched)
-    out = run_step(sched)  # old needs a third block: the newest running sequence goes
-    assert out.preempted == [new]
+    out = run_step(sched)  # old needs a third block: the newest running sequence goes, not mid
+    assert out.preempted == [new] and mid.status is SequenceStatus.RUNNING
     assert new.status is SequenceStatus.WAITING and new.block_table == []
     assert new.num_computed_tokens == 0 and new.num_output_tokens > 0  # tokens kept, KV dropped
     assert sched.waiting[0] is new and sched.num_preemptions == 1

@@ -126,8 +126,8 @@ def test_stop_tokens_seeds_and_metrics(tiny, prompts, expected):
 
 @pytest.mark.parametrize("kwargs, params, match", [
     (dict(), dict(max_tokens=0), "max_tokens must be an integer >= 1"),
-    (dict(), dict(max_tokens=2000), "exceeds the model's context"),
-    (dict(num_blocks=4), dict(max_tokens=100), "cache holds 64"),
+    (dict(), dict(max_tokens=2000), "this model's context is 512 tokens"),
+    (dict(num_blocks=4), dict(max_tokens=100), r"whole cache holds \(64\)"),
     (dict(block_size=12), dict(), "block_size must be a positive power of two"),
     (dict(max_num_batched_tokens=8), dict(), "at least one block"),
 ])
@@ -167,3 +167,12 @@ def test_generate_names_requests_and_refuses_duplicates(tiny, prompts):
     with pytest.raises(ValueError, match="already in use"):
         engine.generate(prompts[:2], greedy(2), progress=False, request_ids=["c", "c"])
     assert not engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("ids, match", [([], "at least one token"), ([5, 8192], r"8192 is outside .*\[0, 8192\)"),
+                                        ([-1], "-1 is outside")])
+def test_check_request_refuses_empty_prompts_and_unknown_token_ids(tiny, ids, match):
+    engine = LLMEngine(*tiny, num_blocks=16)
+    with pytest.raises(ValueError, match=match):
+        engine.add_request(ids, greedy(1))
+    assert engine.requests == {} and not engine.has_unfinished_requests()

@@ -10,6 +10,7 @@ import course_lib.kernels  # noqa: F401  (decides the Triton mode before triton 
 from course_lib.kernels.paged_attention import (
     gather_kv,
     paged_decode_attention,
+    paged_decode_attention_padded,
     paged_decode_attention_reference,
     paged_prefill_attention,
     pick_num_splits,
@@ -107,6 +108,17 @@ def test_kernel_matches_twin_dtypes_and_head_dims(triton_kernels, head_dim, dtyp
     for splits in (None, 3):
         assert_close(paged_decode_attention(*args(p), num_splits=splits, backend="triton"), want, dtype)
     assert_close(want, contiguous_decode(p), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block_size", [1, 8, 16])
+@pytest.mark.parametrize("pad", [-1, 0, 2**30])
+def test_padded_torch_decode_matches_contiguous_sdpa(block_size, dtype, pad):
+    """The CPU's one-call decode: garbage in padding blocks and past each context never leaks."""
+    p = make_paged(CONTEXTS, H=3, D=16, block_size=block_size, dtype=dtype, seed=block_size,
+                   pad=pad, extra_cols=2)
+    assert_close(paged_decode_attention_padded(*args(p)), contiguous_decode(p), dtype)
+    assert_close(paged_decode_attention_padded(*args(p), scale=0.3), contiguous_decode(p, 0.3), dtype)
 
 
 def test_padding_entries_are_never_read(triton_kernels):

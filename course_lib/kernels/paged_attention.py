@@ -109,6 +109,32 @@ def paged_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_c
     return torch.einsum("bht,bthd->bhd", scores.softmax(dim=-1), v).to(q.dtype)
 
 
+def paged_decode_attention_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                  block_tables: torch.Tensor, context_lens: torch.Tensor,
+                                  scale=None) -> torch.Tensor:
+    """Decode attention for a whole batch in one SDPA call, in torch (the CPU's fast path).
+
+    Gathers every sequence's blocks with one ``index_select`` into a ``[B, H, T, D]`` batch
+    padded to the longest context and masks the padding. One call instead of one per sequence
+    wins when the contexts are of similar length; with very unequal ones the padding costs more
+    than it saves, so the model only takes this path when padding at most doubles the keys read
+    (see :meth:`course_lib.models.gpt.CausalSelfAttention._paged`). No checks: the engine built
+    the inputs. ``q`` [B, H, D] -> [B, H, D].
+    """
+    B, H, D = q.shape
+    bs = k_cache.shape[1]
+    lens = context_lens.long()
+    n = _cdiv(int(lens.max()), bs)
+    table = block_tables[:, :n].long().clamp(0, k_cache.shape[0] - 1).reshape(-1)  # padding: masked
+    compute = q.dtype if q.device.type == "cuda" else torch.float32
+    k, v = (c.index_select(0, table).view(B, n * bs, H, D).transpose(1, 2).to(compute)
+            for c in (k_cache, v_cache))
+    visible = torch.arange(n * bs, device=q.device)[None, :] < lens[:, None]  # [B, T]
+    out = F.scaled_dot_product_attention(q[:, :, None, :].to(compute), k, v,
+                                         attn_mask=visible[:, None, None, :], scale=scale)
+    return out[:, :, 0, :].to(q.dtype)
+
+
 # ------------------------------------------------------------------ Triton kernels
 
 

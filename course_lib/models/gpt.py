@@ -124,6 +124,7 @@ class CausalSelfAttention(nn.Module):
         """Store the new K/V by slot mapping, then attend over each sequence's blocks."""
         from course_lib.kernels.paged_attention import (
             paged_decode_attention,
+            paged_decode_attention_padded,
             paged_prefill_attention,
             store_kv,
         )
@@ -132,11 +133,19 @@ class CausalSelfAttention(nn.Module):
         k_cache, v_cache = meta.cache.k[self.layer_idx], meta.cache.v[self.layer_idx]
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping, backend=meta.backend, validate=False)
         # Decodes (one token each, first in the batch) go to the flash-decoding kernel. The torch
-        # path serves them one sequence at a time instead: on a CPU, gathering each sequence's own
-        # blocks beats the batched twin, which pads every sequence to the longest.
-        d = meta.num_decodes if meta.backend != "torch" else 0
+        # path batches them into one padded SDPA call when padding at most doubles the keys
+        # read; with very unequal contexts it serves them one sequence at a time (below), as
+        # gathering each sequence's own blocks then beats padding all to the longest.
+        d = meta.num_decodes
         parts = []
-        if d:
+        if d and meta.backend == "torch":
+            lens = meta.context_lens[:d]
+            if d == 1 or d * int(lens.max()) > 2 * int(lens.sum()):
+                d = 0
+            else:
+                parts.append(paged_decode_attention_padded(q[:d], k_cache, v_cache,
+                                                           meta.block_tables[:d], lens))
+        elif d:
             parts.append(paged_decode_attention(q[:d], k_cache, v_cache, meta.block_tables[:d],
                                                 meta.context_lens[:d], backend=meta.backend,
                                                 validate=False))  # built by us: no GPU syncs

@@ -108,18 +108,38 @@ class LLMEngine:
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
             text, ids = None, [int(t) for t in prompt]
-        context = self.model.config.n_positions
-        if len(ids) + params.max_tokens > context:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
-                             f"exceeds the model's context of {context} tokens")
+        self.check_request(ids, params)
         if request_id is not None and request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         seq = Sequence(ids, params, request_id, text, arrival_time)
-        self.scheduler.add(seq)  # refuses a request the cache could never hold
+        self.scheduler.add(seq)
         seq.generator = (torch.Generator(device=self.device).manual_seed(params.seed)
                          if params.seed is not None else self.generator)
         self.requests[seq.request_id] = seq
         return seq
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError unless the request fits the context and could fit the KV cache.
+
+        Reads only fixed sizes, so a server can call it from another thread while the engine
+        steps, and answer 400 before queueing anything.
+        """
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("prompt must contain at least one token")
+        vocab = self.model.config.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= int(t) < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        context = self.model.config.n_positions
+        if n + params.max_tokens > context:
+            raise ValueError(f"this model's context is {context} tokens; the prompt ({n} tokens) "
+                             f"+ max_tokens ({params.max_tokens}) is {n + params.max_tokens}")
+        capacity = self.scheduler.capacity_tokens()
+        if n + params.max_tokens > capacity:  # would wait forever: refuse now
+            raise ValueError(f"the prompt ({n} tokens) + max_tokens ({params.max_tokens}) needs "
+                             f"more KV slots than the whole cache holds ({capacity}); lower "
+                             "max_tokens or give the cache more blocks")
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks. Unknown or finished: a no-op that returns False."""

@@ -20,6 +20,7 @@ BIN = $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 TORCH_INDEX ?=
 LAB_ARGS ?=
+SERVE_ARGS ?=
 
 # Stamp files: re-running is fast, and a changed pyproject.toml re-installs.
 DEV_STAMP = $(VENV)/.dev-installed
@@ -113,15 +114,15 @@ endif
 exercises: $(DEV_STAMP) ## regenerate exercises/ from solutions/ (never edit exercises/ by hand)
 	$(BIN)/python -m course_lib build-exercises
 
-# --- placeholders for later chapters -----------------------------------------------------
+# --- benchmarks and the server -------------------------------------------------------------
 
 bench: $(NB_STAMP) ## run benchmarks/*.py (JSON to benchmarks/results/)
 	@shopt -s nullglob; scripts=(benchmarks/*.py); \
 	if [ $${#scripts[@]} -eq 0 ]; then echo "bench: no benchmarks yet"; exit 0; fi; \
 	for s in "$${scripts[@]}"; do echo "== $$s"; $(BIN)/python "$$s"; done
 
-serve: ## OpenAI-compatible server (arrives with chapter 8)
-	@echo "serve: the OpenAI-compatible server arrives with chapter 8 (08_deployment_and_cost)"
+serve: $(NB_STAMP) ## OpenAI-compatible server on 127.0.0.1:8000 (e.g. make serve SERVE_ARGS="--model gpt2")
+	$(BIN)/python -m course_lib serve $(SERVE_ARGS)
 
 # --- housekeeping ------------------------------------------------------------------------
 

@@ -1,0 +1,236 @@
+"""The engine behind an asyncio server: one thread steps :class:`LLMEngine`, requests stream out.
+
+A forward pass takes milliseconds to seconds and holds the CPU (or launches GPU work); run inside
+the event loop it would freeze every connection. So the engine lives in **one background
+thread** that loops ``take new requests and aborts -> step -> hand each output to its
+request's asyncio queue``. Only that thread touches the engine; the event loop talks to it
+through two lists guarded by a lock (requests to add, requests to abort) and reads a stats
+snapshot the thread refreshes after every step. torch releases the GIL inside its kernels, so
+the event loop keeps serving connections while the model runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from course_lib.serving.engine import LLMEngine, RequestOutput
+from course_lib.serving.sequence import SamplingParams
+
+log = logging.getLogger("course_lib.serving")
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its limit (the server answers 503 with Retry-After)."""
+
+
+class RequestStream:
+    """The outputs of one engine request, as an async iterator; :meth:`abort` stops it early.
+
+    ``last`` is the latest :class:`RequestOutput` (its ``metrics`` hold TTFT, ITL, ...).
+    """
+
+    def __init__(self, engine: AsyncLLMEngine, request_id: str, arrival_time: float):
+        self.request_id, self.arrival_time = request_id, arrival_time
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.loop = asyncio.get_running_loop()
+        self.finished = False
+        self.last: RequestOutput | None = None
+        self._engine = engine
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        self.last = item
+        self.finished = item.finished
+        return item
+
+    def abort(self) -> None:
+        """Stop generating and free the KV blocks (a no-op once finished)."""
+        if not self.finished:
+            self.finished = True
+            self._engine.abort(self.request_id)
+
+    def _put(self, item: RequestOutput | BaseException) -> None:
+        """From the engine thread: hand an output (or an error) to the event loop."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop has closed (shutdown): nobody is listening any more
+            pass
+
+
+@dataclass
+class _Pending:
+    stream: RequestStream
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+class AsyncLLMEngine:
+    """Runs an :class:`LLMEngine` in a background thread for an asyncio server.
+
+    ``max_queue`` bounds the requests waiting to be scheduled: :meth:`submit` raises
+    :class:`QueueFullError` beyond it, so an overloaded server sheds load early instead of
+    queueing requests it will only time out.
+    """
+
+    def __init__(self, engine: LLMEngine, max_queue: int | None = None, idle_wait: float = 0.05):
+        if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int)
+                                      or max_queue < 1):
+            raise ValueError(f"max_queue must be a positive integer or None, got {max_queue!r}")
+        self.engine, self.max_queue, self.idle_wait = engine, max_queue, idle_wait
+        self._lock = threading.Lock()
+        self._to_add: list[_Pending] = []
+        self._to_abort: list[str] = []
+        self._fail_with: BaseException | None = None
+        self._streams: dict[str, RequestStream] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.stats = engine.stats()  # refreshed by the engine thread after every step
+
+    # ------------------------------------------------------------------ event-loop side
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread (requests still running get an error)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests not yet admitted to the running batch (queued here or in the scheduler)."""
+        return len(self._to_add) + len(self.engine.scheduler.waiting)
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests submitted and not yet finished (what a graceful shutdown waits for)."""
+        return len(self._streams)
+
+    def current_stats(self) -> dict[str, float]:
+        """The latest engine stats, with the waiting count including requests not yet handed over."""
+        return {**self.stats, "num_waiting": self.num_waiting}
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError now (before queueing) if the request could never run."""
+        self.engine.check_request(prompt_token_ids, params)
+
+    def submit(self, request_id: str, prompt_token_ids: list[int],
+               params: SamplingParams) -> RequestStream:
+        """Queue a request (checked first); raises :class:`QueueFullError` past ``max_queue``.
+
+        A caller submitting several at once (``n > 1``) asks :meth:`has_room` first, so they are
+        admitted all or none.
+        """
+        self.check_request(prompt_token_ids, params)
+        stream = RequestStream(self, request_id, time.perf_counter())
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            if self.max_queue is not None and self.num_waiting >= self.max_queue:
+                raise QueueFullError(f"the server's queue is full ({self.num_waiting} waiting, "
+                                     f"limit {self.max_queue}); retry later")
+            self._streams[request_id] = stream
+            self._to_add.append(_Pending(stream, list(prompt_token_ids), params))
+        self._wake.set()
+        return stream
+
+    def has_room(self, count: int) -> bool:
+        """Whether ``count`` more requests fit under ``max_queue`` right now."""
+        return self.max_queue is None or self.num_waiting + count <= self.max_queue
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._to_abort.append(request_id)
+        self._wake.set()
+
+    def abort_all(self, reason: str) -> None:
+        """End every request now with an error (``reason``): e.g. a shutdown timeout ran out."""
+        with self._lock:
+            self._fail_with = RuntimeError(reason)
+        self._wake.set()
+
+    async def wait_until_idle(self, timeout: float) -> bool:
+        """Wait until every submitted request has finished; False if ``timeout`` ran out first."""
+        deadline = time.monotonic() + timeout
+        while self._streams:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    # ------------------------------------------------------------------ engine thread
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            self._take_commands()
+            if not (self.engine.has_unfinished_requests() or self.engine.finished_unreported):
+                self.stats = self.engine.stats()
+                self._wake.wait(self.idle_wait)
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # noqa: BLE001 - report to every request, keep serving
+                log.exception("engine step failed; failing the requests in flight")
+                self._fail_all(exc)
+                continue
+            self.stats = self.engine.stats()
+            for out in outputs:
+                self._deliver(out)
+        self._fail_all(RuntimeError("the server is shutting down"))
+
+    def _take_commands(self) -> None:
+        with self._lock:
+            to_add, self._to_add = self._to_add, []
+            to_abort, self._to_abort = self._to_abort, []
+            fail_with, self._fail_with = self._fail_with, None
+        for item in to_add:
+            stream = item.stream
+            try:
+                self.engine.add_request(item.prompt_token_ids, item.params, stream.request_id,
+                                        arrival_time=stream.arrival_time)
+            except ValueError as exc:
+                self._streams.pop(stream.request_id, None)
+                stream._put(exc)
+        for request_id in to_abort:
+            if not self.engine.abort(request_id):  # never added, or already finished
+                self._streams.pop(request_id, None)
+        if fail_with is not None:
+            self._fail_all(fail_with)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        stream = self._streams.get(out.request_id)
+        if out.finished:
+            self._streams.pop(out.request_id, None)
+        if stream is not None:
+            stream._put(out)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for request_id in list(self._streams):
+            self.engine.abort(request_id)
+            stream = self._streams.pop(request_id)
+            stream._put(exc)
+        try:
+            self.engine.step()  # report (and forget) the aborts, freeing their blocks
+        except Exception:  # noqa: BLE001
+            log.exception("engine cleanup after a failure failed")
+        self.stats = self.engine.stats()
+
+
+__all__ = ["AsyncLLMEngine", "QueueFullError", "RequestStream"]

@@ -1,0 +1,97 @@
+"""``course-lib serve``: load a model (optionally a chapter 3 quantized checkpoint) and serve it.
+
+Runs the app of :mod:`course_lib.serving.api` under uvicorn with a graceful shutdown, the way a
+Kubernetes pod is stopped: on SIGTERM (or Ctrl-C) ``/health`` turns 503 and new requests get
+503, requests in flight run to their end for up to ``--shutdown-timeout`` seconds, then the
+process exits. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from collections.abc import Callable
+
+import uvicorn
+
+from course_lib.serving.api import ServerState, create_app
+from course_lib.serving.engine import LLMEngine
+
+log = logging.getLogger("course_lib.serving")
+
+def engine_loader(model: str = "tiny", quantized: str | None = None, device: str | None = None,
+                  **engine_kwargs) -> Callable[[], LLMEngine]:
+    """A function that loads ``model`` (its quantized checkpoint if given) into an engine."""
+    def load() -> LLMEngine:
+        from course_lib.models.gpt import GPT
+        from course_lib.models.hub import load_model
+
+        hf_model, tokenizer = load_model(model, device=device)
+        gpt = GPT.from_hf(hf_model)
+        if quantized:
+            from course_lib.quant.checkpoint import load_quantized
+
+            # same layer names as HF GPT-2, so the checkpoint's QuantLinear layers drop in
+            gpt = load_quantized(gpt, quantized).to(hf_model.device)
+        log.info("serving %s%s on %s", getattr(hf_model, "course_name", model),
+                 f" quantized from {quantized}" if quantized else "", hf_model.device)
+        return LLMEngine(gpt, tokenizer, **engine_kwargs)
+    return load
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn with a drain on the first SIGTERM / SIGINT (see the module docstring)."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, shutdown_timeout: float):
+        super().__init__(config)
+        self.state, self.shutdown_timeout = state, shutdown_timeout
+        self.draining = False
+        self.failed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.draining or self._loop is None:
+            return super().handle_exit(sig, frame)
+        self.draining = True
+        self.state.begin_drain()
+        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+    async def _drain(self) -> None:
+        engine = self.state.engine
+        n = engine.num_unfinished if engine is not None else 0
+        log.info("shutting down: %d request(s) in flight, waiting up to %.0f s", n,
+                 self.shutdown_timeout)
+        if engine is not None and not await engine.wait_until_idle(self.shutdown_timeout):
+            log.warning("shutdown timeout: %d request(s) still running are cut off",
+                        engine.num_unfinished)
+            engine.abort_all(f"the server shut down before this request finished "
+                             f"(--shutdown-timeout {self.shutdown_timeout:g} s)")
+            await engine.wait_until_idle(2.0)  # let the error chunks go out
+            await asyncio.sleep(0.2)
+        self.should_exit = True
+
+    def load_failed(self, exc: BaseException) -> None:
+        self.failed = True
+        self.should_exit = True
+
+
+def serve_cli(args: argparse.Namespace) -> int:
+    """Run the server until SIGTERM / Ctrl-C; 0 after a clean shutdown, 1 if loading failed."""
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    load = engine_loader(args.model, args.quantized, args.device, num_blocks=args.num_blocks,
+                         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                         max_num_batched_tokens=args.max_num_batched_tokens, record_steps=1000)
+    holder: dict[str, DrainingServer] = {}
+    app = create_app(load, args.served_model_name or args.model, api_key=args.api_key,
+                     max_queue=args.max_queue,
+                     on_load_error=lambda exc: holder["server"].load_failed(exc))
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=2)
+    server = holder["server"] = DrainingServer(config, app.state.server, args.shutdown_timeout)
+    server.run()
+    return 1 if server.failed else 0

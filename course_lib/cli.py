@@ -6,6 +6,7 @@ Each subcommand lives in the module that does the work; this file only wires the
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 
 
@@ -57,6 +58,73 @@ def _add_quantize(sub) -> None:
     q.set_defaults(func=_quantize)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from course_lib.serving.server import serve_cli
+    except ModuleNotFoundError as exc:  # fastapi / uvicorn / prometheus_client not installed
+        raise SystemExit(f"course-lib serve needs the server's packages ({exc.name} is missing): "
+                         "pip install 'course_lib[serve]'") from None
+    return serve_cli(args)
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from course_lib.serving.loadgen import bench_serve_cli
+
+    return bench_serve_cli(args)
+
+
+#: Environment variable read when ``--api-key`` is not given (e.g. from a Kubernetes Secret).
+API_KEY_ENV = "COURSE_LIB_API_KEY"
+
+
+def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="tiny, gpt2, gpt2-medium, ... (default: tiny)")
+    p.add_argument("--quantized", metavar="DIR", help="serve this quantized checkpoint of --model "
+                   "(made by `course-lib quantize`)")
+    p.add_argument("--served-model-name", help="the name clients pass as `model` (default: --model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; "
+                   "0.0.0.0 in a container)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                   help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV})")
+    p.add_argument("--max-queue", type=_positive, default=256,
+                   help="waiting requests before new ones get 503 + Retry-After (default: 256)")
+    p.add_argument("--max-num-seqs", type=_positive, default=32, help="running batch size (default: 32)")
+    p.add_argument("--max-num-batched-tokens", type=_positive, default=512,
+                   help="tokens per engine step (default: 512)")
+    p.add_argument("--block-size", type=_positive, default=16, help="KV block size (default: 16)")
+    p.add_argument("--num-blocks", type=_positive, help="KV blocks (default: from the memory budget)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: CUDA if present)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM (default: 30)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_serving(sub) -> None:
+    from course_lib.serving.loadgen import add_bench_serve_arguments  # light: no httpx until run
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, "
+                           "/metrics, /health)")
+    _add_serve_arguments(serve)
+    serve.set_defaults(func=_serve)
+    bench = sub.add_parser("bench", help="benchmarks against a running server")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    load = bench_sub.add_parser("serve", help="load a server with streaming requests: TTFT, TPOT, "
+                                "ITL, E2E, throughput, goodput")
+    add_bench_serve_arguments(load)
+    load.set_defaults(func=_bench_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="course-lib", description="LLM inference optimization course: tools for learners, instructors and graders."
@@ -73,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--check", action="store_true", help="write nothing; exit 1 if exercises/ is out of date")
     build.set_defaults(func=_build_exercises)
     _add_quantize(sub)
+    _add_serving(sub)
     return parser
 
 

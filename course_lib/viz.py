@@ -328,3 +328,96 @@ def plot_throughput_latency(series: dict, x: str = "max_num_seqs", title: str | 
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def plot_load_sweep(levels: list[dict], title: str | None = None):
+    """Throughput and latency percentiles of a load sweep, against the number of requests in flight.
+
+    ``levels``: one dict per load level, ``{"concurrency": c, "summary": s}`` with ``s`` a
+    :func:`course_lib.serving.loadgen.summarize` summary (latencies in ms). Three panels:
+    output tokens/s (and goodput in requests/s when the summaries have one), TTFT median and
+    p99, TPOT median and p99.
+    """
+    plt = _plt()
+    xs = [lv["concurrency"] for lv in levels]
+    sums = [lv["summary"] for lv in levels]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    axes[0].plot(xs, [s["output_throughput"] for s in sums], "o-", color="tab:green",
+                 label="output tokens/s")
+    axes[0].set_ylabel("output tokens / s")
+    if all("goodput" in s for s in sums):
+        twin = axes[0].twinx()
+        twin.plot(xs, [s["request_throughput"] for s in sums], "^:", color="tab:gray",
+                  label="requests/s")
+        twin.plot(xs, [s["goodput"] for s in sums], "s--", color="tab:purple",
+                  label="goodput (req/s in SLO)")
+        twin.set_ylabel("requests / s")
+        twin.legend(fontsize=7, loc="lower right")
+    axes[0].legend(fontsize=7, loc="upper left")
+    for ax, key, name in ((axes[1], "ttft", "time to first token"),
+                          (axes[2], "tpot", "time per output token")):
+        ax.plot(xs, [s[f"median_{key}_ms"] for s in sums], "o-", color="tab:blue", label="median")
+        ax.plot(xs, [s[f"p99_{key}_ms"] for s in sums], "s--", color="tab:red", label="p99")
+        slo = sums[0].get("slos_ms", {}).get(key)
+        if slo is not None:
+            ax.axhline(slo, color="tab:purple", lw=1, ls=":", label=f"SLO {slo:g} ms")
+        ax.set_ylabel(f"{name} (ms)")
+        ax.legend(fontsize=7)
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_xlabel("max concurrency (requests in flight)")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def cost_explorer(tokens_per_second: float, prices: dict[str, float] | None = None):
+    """Widgets: $ per 1M tokens from a throughput, a GPU's hourly price, utilization and a
+    throughput multiplier (e.g. a quantized model's speedup), with every GPU of the table beside it.
+
+    ``tokens_per_second`` is the starting throughput (measure it: the notebook passes its own
+    load-generator figure). Returns the widget box; the arithmetic is
+    :func:`course_lib.cost.cost_per_million_tokens`.
+    """
+    import ipywidgets as widgets
+
+    from course_lib.cost import GPU_PRICES, cost_per_million_tokens
+
+    prices = dict(prices or GPU_PRICES)
+    first = next(iter(prices))
+    gpu = widgets.Dropdown(options=list(prices), value=first, description="GPU")
+    price = widgets.BoundedFloatText(value=prices[first], min=0.0, max=1000.0, step=0.01,
+                                     description="$ / hour")
+    tps = widgets.BoundedFloatText(value=round(float(tokens_per_second), 1), min=0.1, max=1e7,
+                                   description="tokens/s")
+    util = widgets.FloatSlider(value=1.0, min=0.05, max=1.0, step=0.05, description="utilization")
+    speedup = widgets.FloatSlider(value=1.0, min=0.5, max=4.0, step=0.05,
+                                  description="throughput x", continuous_update=False)
+
+    def on_gpu(change) -> None:
+        price.value = prices[change["new"]]
+
+    gpu.observe(on_gpu, names="value")
+
+    def show(gpu_name, hourly, base_tps, utilization, factor) -> None:
+        plt = _plt()
+        effective = base_tps * factor
+        usd = cost_per_million_tokens(hourly, effective, utilization)
+        print(f"{gpu_name} at ${hourly:.2f}/h, {effective:,.1f} tokens/s ({base_tps:,.1f} x "
+              f"{factor:.2f}), utilization {utilization:.0%}: ${usd:,.4f} per 1M tokens")
+        names = list(prices)
+        costs = [cost_per_million_tokens(prices[n], effective, utilization) for n in names]
+        fig, ax = plt.subplots(figsize=(7, 2.6))
+        ax.barh(names, costs, color=["tab:orange" if n == gpu_name else "tab:gray" for n in names])
+        ax.set_xscale("log")
+        ax.set_xlabel("$ per 1M tokens at this throughput (log scale)")
+        ax.invert_yaxis()
+        fig.tight_layout()
+        plt.show()
+
+    out = widgets.interactive_output(show, {"gpu_name": gpu, "hourly": price, "base_tps": tps,
+                                            "utilization": util, "factor": speedup})
+    return widgets.VBox([widgets.HBox([gpu, price]), widgets.HBox([tps, util]), speedup, out])

@@ -48,6 +48,11 @@ from course_lib.grading.checks_paged import (
     check_paged_attention,
     check_slot_mapping,
 )
+from course_lib.grading.checks_serving import (
+    check_cost,
+    check_latency_metrics,
+    check_request_validator,
+)
 from course_lib.grading.core import CheckResult
 
 __all__ = [
@@ -62,15 +67,18 @@ __all__ = [
     "check_cached_attention",
     "check_cached_generation",
     "check_conv1d_to_linear",
+    "check_cost",
     "check_dequantize",
     "check_expected_speedup",
     "check_gptq_column_step",
     "check_int8_linear",
+    "check_latency_metrics",
     "check_minmax_observer",
     "check_pack_int4",
     "check_paged_attention",
     "check_per_group_quantize",
     "check_request_metrics",
+    "check_request_validator",
     "check_schedule_step",
     "check_slot_mapping",
     "check_symmetric_quantize",
@@ -122,6 +130,11 @@ TASKS: dict[str, Task] = {
                                   check_accept_or_resample),
     "07.expected_speedup": Task("07_speculative_decoding", ("expected_speedup",),
                                 check_expected_speedup),
+    "08.latency_metrics": Task("08_deployment_and_cost", ("request_latency", "goodput"),
+                               check_latency_metrics),
+    "08.cost": Task("08_deployment_and_cost", ("cost_per_million_tokens",), check_cost),
+    "08.request_validator": Task("08_deployment_and_cost", ("validate_completion",),
+                                 check_request_validator),
 }
 
 

@@ -1,0 +1,508 @@
+"""Checks for the exercises of chapter 8 (deployment and cost).
+
+The references are plain Python written here, not calls into ``course_lib.serving`` or
+``course_lib.cost``, so a check keeps meaning the same thing while the library changes; the
+tests compare them with the library (and the request validator with the running server):
+
+* **latency metrics** (:func:`reference_request_latency`, :func:`reference_goodput`): as
+  :func:`course_lib.serving.loadgen.latency_metrics` and the goodput of
+  :func:`~course_lib.serving.loadgen.summarize` (vLLM's benchmark definitions);
+* **cost** (:func:`reference_cost_per_million_tokens`): as
+  :func:`course_lib.cost.cost_per_million_tokens`;
+* **request validation** (:func:`reference_validate_completion`): the status code and the
+  ``param`` of the error the course's server answers to a ``/v1/completions`` body.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+
+from course_lib.grading.core import Context, check
+
+POINTS = {"latency_metrics": 2, "cost": 1, "request_validator": 2}
+
+RANDOM_CASES = 200
+
+
+def _close(a, b, rel: float = 1e-9) -> bool:
+    return a is not None and b is not None and math.isclose(a, b, rel_tol=rel, abs_tol=1e-12)
+
+
+# --- 1. latency metrics and goodput -----------------------------------------------------------
+
+
+def reference_request_latency(start: float, token_times: Sequence[float], end: float,
+                              output_tokens: int | None = None) -> dict:
+    """``{"ttft", "itl", "e2e", "tpot"}`` of one streamed request (seconds).
+
+    TTFT = first token - start; ITL = gaps between consecutive token times; E2E = end - start;
+    TPOT = (E2E - TTFT) / (n - 1), n = ``output_tokens`` when given (a chunk may carry several
+    tokens) else the number of token times; None when n <= 1.
+    """
+    ttft, e2e = token_times[0] - start, end - start
+    n = output_tokens or len(token_times)
+    itl = [b - a for a, b in zip(token_times[:-1], token_times[1:], strict=True)]
+    return {"ttft": ttft, "itl": itl, "e2e": e2e, "tpot": (e2e - ttft) / (n - 1) if n > 1 else None}
+
+
+def reference_goodput(requests: Sequence[dict], slos: dict[str, float], duration: float) -> float:
+    """Requests per second that succeeded, got a token, and met every SLO (``<=``, seconds).
+
+    ``requests``: dicts with ``success``, ``ttft``, ``tpot``, ``e2e`` (as the load generator's
+    ``result["requests"]``); a request without a TPOT (one token) meets a TPOT SLO.
+    """
+    good = 0
+    for r in requests:
+        if not r["success"] or r["ttft"] is None:
+            continue
+        if all((key == "tpot" and r["tpot"] is None) or r[key] <= limit
+               for key, limit in slos.items()):
+            good += 1
+    return good / duration
+
+
+#: (what the case is about, start, token_times, end, output_tokens)
+LATENCY_CASES = [
+    ("worked example: 4 tokens, one per chunk", 10.0, [10.5, 10.6, 10.7, 10.8], 10.85, None),
+    ("a single token: no decode phase, TPOT is None", 0.0, [0.25], 0.3, None),
+    ("chunks carrying several tokens: n is output_tokens, not the number of chunks",
+     1.0, [1.5, 2.0, 2.5], 2.5, 9),
+    ("the last byte comes after the last token: E2E ends at `end`", 0.0, [0.2, 0.4], 1.0, None),
+    ("uneven gaps", 5.0, [5.1, 5.15, 5.6, 5.61, 5.9], 5.9, None),
+]
+
+#: (what the case is about, requests, slos, duration)
+_REQ = {"success": True, "ttft": 0.1, "tpot": 0.02, "e2e": 1.0}
+GOODPUT_CASES = [
+    ("all requests meet the SLOs: goodput = requests / duration",
+     [_REQ] * 4, {"ttft": 0.5, "tpot": 0.05}, 2.0),
+    ("a failed request never counts", [_REQ, {**_REQ, "success": False}], {"ttft": 0.5}, 1.0),
+    ("one SLO missed is enough to not count", [_REQ, {**_REQ, "ttft": 0.9}, {**_REQ, "tpot": 0.2}],
+     {"ttft": 0.5, "tpot": 0.05}, 1.0),
+    ("an SLO is met at exactly its limit (<=)", [{**_REQ, "ttft": 0.5}], {"ttft": 0.5}, 1.0),
+    ("a single-token request (tpot None) meets a TPOT SLO", [{**_REQ, "tpot": None}],
+     {"tpot": 0.01}, 1.0),
+    ("an E2E SLO", [_REQ, {**_REQ, "e2e": 3.0}], {"e2e": 2.0}, 4.0),
+    ("no SLO keys: every successful request counts", [_REQ, _REQ, {**_REQ, "success": False}],
+     {}, 0.5),
+    ("a successful request without any token (ttft None) does not count",
+     [{"success": True, "ttft": None, "tpot": None, "e2e": 0.1}, _REQ], {"e2e": 5.0}, 1.0),
+]
+
+
+def random_latency_case(rng: random.Random) -> tuple:
+    start = rng.uniform(0, 100)
+    times, t = [], start
+    for _ in range(rng.randint(1, 12)):
+        t += rng.expovariate(10)
+        times.append(t)
+    end = t + rng.choice([0.0, rng.uniform(0, 0.1)])
+    output_tokens = rng.choice([None, len(times), len(times) + rng.randint(0, 20)])
+    return start, times, end, output_tokens
+
+
+def random_goodput_case(rng: random.Random) -> tuple:
+    requests = []
+    for _ in range(rng.randint(0, 20)):
+        if rng.random() < 0.15:
+            requests.append({"success": False, "ttft": None, "tpot": None, "e2e": rng.random()})
+            continue
+        ttft = rng.uniform(0.01, 1.0)
+        tpot = None if rng.random() < 0.1 else rng.uniform(0.005, 0.1)
+        requests.append({"success": True, "ttft": ttft, "tpot": tpot,
+                         "e2e": ttft + rng.uniform(0, 3)})
+    keys = rng.sample(["ttft", "tpot", "e2e"], rng.randint(1, 3))
+    limits = {"ttft": rng.uniform(0.1, 0.8), "tpot": rng.uniform(0.01, 0.08),
+              "e2e": rng.uniform(0.5, 3)}
+    return requests, {k: limits[k] for k in keys}, rng.uniform(0.5, 30)
+
+
+def _hint_latency(got: dict, want: dict, start, times, end) -> str:
+    tpot, e2e, ttft = got.get("tpot"), want["e2e"], want["ttft"]
+    if want["tpot"] is None or tpot is None:
+        return ""
+    if len(times) > 1 and _close(tpot, (e2e - ttft) / (len(times) - 1)):
+        return " (n is output_tokens when it is given: a chunk may carry several tokens)"
+    n = round((e2e - ttft) / want["tpot"]) + 1
+    if _close(tpot, e2e / n) or _close(tpot, e2e / (n - 1)) or _close(tpot, (e2e - ttft) / n):
+        return " (TPOT leaves out the first token: (E2E - TTFT) / (n - 1))"
+    return ""
+
+
+def _compare_latency(ctx: Context, fn, start, times, end, output_tokens) -> None:
+    want = reference_request_latency(start, times, end, output_tokens)
+    given = list(times)
+    got = fn(start, given, end, output_tokens)
+    if given != list(times):
+        ctx.fail("your function changed the token_times list it was given")
+    if not isinstance(got, dict):
+        ctx.fail(f"expected a dict with keys ttft, itl, e2e, tpot; got {type(got).__name__}")
+    missing = [k for k in want if k not in got]
+    if missing:
+        ctx.fail(f"the dict has no {', '.join(missing)} (expected keys ttft, itl, e2e, tpot)")
+    for key in ("ttft", "e2e"):
+        if not _close(got[key], want[key]):
+            ctx.fail(f"{key}: expected {want[key]:.6g}, got {got[key]!r}")
+    itl = got["itl"]
+    if not isinstance(itl, (list, tuple)) or len(itl) != len(want["itl"]) or not all(
+            _close(a, b) for a, b in zip(itl, want["itl"], strict=False)):
+        extra = " (ITLs are the gaps between token times: n - 1 of them, nothing from start)" \
+            if isinstance(itl, (list, tuple)) and len(itl) != len(want["itl"]) else ""
+        ctx.fail(f"itl: expected {[round(x, 6) for x in want['itl']]}, got {itl!r}{extra}")
+    if want["tpot"] is None:
+        if got["tpot"] is not None:
+            ctx.fail(f"tpot: expected None (one token has no decode phase), got {got['tpot']!r}")
+    elif not _close(got["tpot"], want["tpot"]):
+        ctx.fail(f"tpot: expected {want['tpot']:.6g}, got {got['tpot']!r}"
+                 f"{_hint_latency(got, want, start, times, end)}")
+
+
+def _hint_goodput(got, requests, slos, duration) -> str:
+    n_ok = sum(1 for r in requests if r["success"] and r["ttft"] is not None)
+    good = reference_goodput(requests, slos, duration) * duration
+    if n_ok and _close(got, good / n_ok if n_ok else 0):
+        return " (goodput is requests per SECOND meeting the SLOs, not a fraction)"
+    if _close(got, sum(1 for r in requests if r["ttft"] is not None and r["success"]) / duration):
+        return " (a request counts only if it meets EVERY SLO)"
+    return ""
+
+
+def _compare_goodput(ctx: Context, fn, requests, slos, duration) -> None:
+    want = reference_goodput(requests, slos, duration)
+    got = fn([dict(r) for r in requests], dict(slos), duration)
+    if isinstance(got, bool) or not isinstance(got, (int, float)):
+        ctx.fail(f"goodput should be a number (requests per second), got {type(got).__name__}")
+    if not _close(float(got), want):
+        ctx.fail(f"goodput: expected {want:.6g} requests/s, got {got!r}"
+                 f"{_hint_goodput(got, requests, slos, duration)}")
+
+
+@check("latency metrics and goodput", POINTS["latency_metrics"])
+def check_latency_metrics(ctx: Context, request_latency, goodput) -> None:
+    """``request_latency(start, token_times, end, output_tokens=None)`` -> dict as
+    :func:`reference_request_latency`; ``goodput(requests, slos, duration)`` -> requests/s as
+    :func:`reference_goodput`. Fixed cases, then seeded random ones."""
+    for label, start, times, end, n in LATENCY_CASES:
+        ctx.case = f"request_latency, {label} (start={start}, token_times={times}, end={end}, " \
+                   f"output_tokens={n})"
+        _compare_latency(ctx, request_latency, start, times, end, n)
+    rng = random.Random(801)
+    for i in range(RANDOM_CASES):
+        start, times, end, n = random_latency_case(rng)
+        ctx.case = f"request_latency, random case {i} (start={start:.4f}, {len(times)} token " \
+                   f"times, end={end:.4f}, output_tokens={n})"
+        _compare_latency(ctx, request_latency, start, times, end, n)
+    for label, requests, slos, duration in GOODPUT_CASES:
+        ctx.case = f"goodput, {label} (slos={slos}, duration={duration}, {len(requests)} requests)"
+        _compare_goodput(ctx, goodput, requests, slos, duration)
+    for i in range(RANDOM_CASES):
+        requests, slos, duration = random_goodput_case(rng)
+        ctx.case = f"goodput, random case {i} ({len(requests)} requests, slos={slos})"
+        _compare_goodput(ctx, goodput, requests, slos, duration)
+
+
+# --- 2. dollars per million tokens ------------------------------------------------------------
+
+
+def reference_cost_per_million_tokens(gpu_hourly_usd: float, tokens_per_second: float,
+                                      utilization: float = 1.0) -> float:
+    """USD per 1M tokens: hourly price / tokens per hour * 1e6, divided by utilization.
+
+    ValueError unless tokens_per_second > 0, 0 < utilization <= 1 and gpu_hourly_usd >= 0.
+    """
+    if not tokens_per_second > 0:
+        raise ValueError(f"tokens_per_second must be > 0, got {tokens_per_second}")
+    if not 0 < utilization <= 1:
+        raise ValueError(f"utilization must be in (0, 1], got {utilization}")
+    if not gpu_hourly_usd >= 0:
+        raise ValueError(f"gpu_hourly_usd must be >= 0, got {gpu_hourly_usd}")
+    return gpu_hourly_usd / (tokens_per_second * 3600) * 1e6 / utilization
+
+
+#: (what the case is about, hourly, tokens/s, utilization or None for the default)
+COST_CASES = [
+    ("worked example: $2.50/h at 50 tokens/s", 2.50, 50.0, None),
+    ("twice the throughput, half the cost", 2.50, 100.0, None),
+    ("half utilization: the idle hours are paid too, so the cost doubles", 2.50, 50.0, 0.5),
+    ("a fast GPU", 7.0, 2500.0, 0.8),
+    ("a free machine costs nothing", 0.0, 10.0, 1.0),
+    ("a CPU VM", 0.10, 35.0, 0.25),
+]
+
+#: (what the case is about, arguments) that must raise ValueError
+COST_ERRORS = [
+    ("0 tokens/s (nothing is produced: no finite price)", (2.5, 0.0, 1.0)),
+    ("negative tokens/s", (2.5, -5.0, 1.0)),
+    ("utilization 0", (2.5, 50.0, 0.0)),
+    ("utilization above 1", (2.5, 50.0, 1.5)),
+]
+
+
+def _hint_cost(got: float, hourly: float, tps: float, util: float) -> str:
+    base = hourly / (tps * 3600) * 1e6
+    if _close(got, base * util):
+        return " (utilization DIVIDES: idle time is paid but produces nothing)"
+    if _close(got, base * 3600 / util) or _close(got, base / 3600 / util) or _close(got, base * 60 / util):
+        return " (tokens per HOUR = tokens_per_second * 3600)"
+    if _close(got, base / 1000 / util) or _close(got, base / 1e6 / util):
+        return " (the price is per MILLION tokens)"
+    return ""
+
+
+@check("dollars per million tokens", POINTS["cost"])
+def check_cost(ctx: Context, fn) -> None:
+    """``fn(gpu_hourly_usd, tokens_per_second, utilization=1.0)`` as
+    :func:`reference_cost_per_million_tokens`, and ValueError on impossible inputs."""
+    rng = random.Random(802)
+    cases = list(COST_CASES) + [(f"random case {i}", round(rng.uniform(0.1, 10), 2),
+                                 rng.uniform(1, 5000), rng.choice([None, rng.uniform(0.05, 1)]))
+                                for i in range(50)]
+    for label, hourly, tps, util in cases:
+        args = (hourly, tps) if util is None else (hourly, tps, util)
+        ctx.case = f"{label} (gpu_hourly_usd={hourly}, tokens_per_second={tps:g}" + \
+                   ("" if util is None else f", utilization={util:g}") + ")"
+        want = reference_cost_per_million_tokens(*args)
+        got = fn(*args)
+        if isinstance(got, bool) or not isinstance(got, (int, float)):
+            ctx.fail(f"expected a number of dollars, got {type(got).__name__}")
+        if not _close(float(got), want, rel=1e-6):
+            ctx.fail(f"expected ${want:.4f} per 1M tokens, got {got!r}"
+                     f"{_hint_cost(float(got), hourly, tps, 1.0 if util is None else util)}")
+    for label, args in COST_ERRORS:
+        ctx.case = f"{label}: fn{args}"
+        try:
+            got = fn(*args)
+        except ValueError:
+            continue
+        except ZeroDivisionError:
+            ctx.fail("raised ZeroDivisionError; check the input and raise ValueError with a "
+                     "message naming the argument instead")
+        ctx.fail(f"should raise ValueError, returned {got!r}")
+
+
+# --- 3. request validation --------------------------------------------------------------------
+
+#: The server's limits (course_lib.serving.protocol): choices per request, stop strings.
+MAX_N, MAX_STOP = 16, 4
+#: max_tokens when the body does not have the key (OpenAI's default for completions).
+DEFAULT_MAX_TOKENS = 16
+
+_STATUS_TYPE = {400: "invalid_request_error", 404: "not_found_error"}
+
+
+def _error(status: int, param: str, message: str, code: str | None = None) -> tuple[int, dict]:
+    return status, {"error": {"message": message, "type": _STATUS_TYPE[status], "param": param,
+                              "code": code}}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def reference_validate_completion(body: dict, model_name: str, context_len: int,
+                                  count_tokens: Callable[[str], int]) -> tuple[int, dict] | None:
+    """None if the server accepts ``body`` (a ``/v1/completions`` request), else
+    ``(status, {"error": {"message", "type", "param", "code"}})``, the first problem found in
+    the server's order: the schema first (FastAPI validates the body before the handler runs,
+    field by field: temperature, top_p, n, prompt, max_tokens), then the handler's checks
+    (model, empty prompt, stop, max_tokens >= 1, context length).
+    """
+    temperature = body.get("temperature")
+    if temperature is not None and not (_is_number(temperature) and 0 <= temperature <= 2):
+        return _error(400, "temperature", f"temperature must be in [0, 2], got {temperature!r}")
+    top_p = body.get("top_p")
+    if top_p is not None and not (_is_number(top_p) and 0 < top_p <= 1):
+        return _error(400, "top_p", f"top_p must be in (0, 1], got {top_p!r}")
+    if "n" in body and not (_is_int(body["n"]) and 1 <= body["n"] <= MAX_N):
+        return _error(400, "n", f"n must be an integer from 1 to {MAX_N}, got {body['n']!r}")
+    if "prompt" not in body:
+        return _error(400, "prompt", "prompt: field required")
+    max_tokens = body.get("max_tokens", DEFAULT_MAX_TOKENS)
+    if max_tokens is not None and not _is_int(max_tokens):
+        return _error(400, "max_tokens", f"max_tokens must be an integer, got {max_tokens!r}")
+    model = body.get("model")
+    if model is not None and model != model_name:
+        return _error(404, "model", f"the model {model!r} does not exist; this server serves "
+                                    f"{model_name!r}", "model_not_found")
+    prompt = body["prompt"]
+    n_prompt = count_tokens(prompt)
+    if n_prompt == 0:
+        return _error(400, "prompt", "prompt must contain at least one token")
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP:
+        return _error(400, "stop", f"stop accepts at most {MAX_STOP} strings, got {len(stops)}")
+    if max_tokens is None:  # explicit null: whatever the context leaves (at least 1)
+        max_tokens = max(1, context_len - n_prompt)
+    if max_tokens < 1:
+        return _error(400, "max_tokens", f"max_tokens must be at least 1, got {max_tokens}")
+    if n_prompt + max_tokens > context_len:
+        param = "prompt" if n_prompt >= context_len else "max_tokens"
+        return _error(400, param, f"this model's context is {context_len} tokens; the prompt "
+                                  f"({n_prompt} tokens) + max_tokens ({max_tokens}) is "
+                                  f"{n_prompt + max_tokens}", "context_length_exceeded")
+    return None
+
+
+def char_tokens(text: str) -> int:
+    """The checks' toy token counter: one token per 4 characters (rounded up)."""
+    return -(-len(text) // 4)
+
+
+def request_cases(context: int, prompt_of: Callable[[int], str], model: str) -> list[tuple[str, dict]]:
+    """(what it is about, body) for a server with ``context`` tokens; ``prompt_of(n)`` is a
+    prompt of exactly ``n`` tokens."""
+    p = prompt_of(8)
+    return [
+        ("a minimal valid request", {"prompt": p}),
+        ("a full valid request", {"model": model, "prompt": p, "max_tokens": 5, "temperature": 0.7,
+                                  "top_p": 0.9, "n": 2, "stop": ["\n", "#"]}),
+        ("temperature 0 and 2 are allowed (greedy, and the top of the range)",
+         {"prompt": p, "temperature": 2, "top_p": 1, "n": 16}),
+        ("null fields mean 'default'", {"model": None, "prompt": p, "temperature": None,
+                                        "top_p": None, "stop": None}),
+        ("an unknown model: 404", {"model": "gpt-4", "prompt": p}),
+        ("no prompt", {"max_tokens": 4}),
+        ("an empty prompt", {"prompt": ""}),
+        ("max_tokens 0", {"prompt": p, "max_tokens": 0}),
+        ("max_tokens negative", {"prompt": p, "max_tokens": -3}),
+        ("max_tokens a float", {"prompt": p, "max_tokens": 4.0}),
+        ("max_tokens a bool (True is not an integer here)", {"prompt": p, "max_tokens": True}),
+        ("max_tokens a string", {"prompt": p, "max_tokens": "10"}),
+        ("temperature above 2", {"prompt": p, "temperature": 2.5}),
+        ("temperature negative", {"prompt": p, "temperature": -0.1}),
+        ("top_p 0 (the range is (0, 1])", {"prompt": p, "top_p": 0}),
+        ("top_p above 1", {"prompt": p, "top_p": 1.2}),
+        ("n 0", {"prompt": p, "n": 0}),
+        ("n above 16", {"prompt": p, "n": 17}),
+        ("n a bool", {"prompt": p, "n": True}),
+        ("five stop strings", {"prompt": p, "stop": ["a", "b", "c", "d", "e"]}),
+        ("one stop string as a plain str", {"prompt": p, "stop": "\n\n"}),
+        ("prompt + max_tokens exactly fill the context",
+         {"prompt": prompt_of(context - 10), "max_tokens": 10}),
+        ("prompt + max_tokens one over the context: max_tokens is at fault",
+         {"prompt": prompt_of(context - 10), "max_tokens": 11}),
+        ("the prompt alone fills the context: the prompt is at fault",
+         {"prompt": prompt_of(context), "max_tokens": 1}),
+        ("no max_tokens key: the default 16 counts against the context",
+         {"prompt": prompt_of(context - 8)}),
+        ("max_tokens null: whatever the context leaves", {"prompt": prompt_of(context - 8),
+                                                          "max_tokens": None}),
+        ("max_tokens null and the prompt fills the context", {"prompt": prompt_of(context),
+                                                              "max_tokens": None}),
+        ("two problems: a schema error (temperature) comes before the unknown model",
+         {"model": "nope", "prompt": p, "temperature": 9}),
+        ("two problems: temperature is checked before n", {"prompt": p, "temperature": 3, "n": 0}),
+        ("two problems: the unknown model comes before the empty prompt",
+         {"model": "nope", "prompt": ""}),
+        ("two problems: max_tokens 0 and the context (max_tokens 0 first)",
+         {"prompt": prompt_of(context + 5), "max_tokens": 0}),
+        ("two problems: too many stop strings before the context",
+         {"prompt": prompt_of(context), "stop": list("abcde")}),
+        ("two problems: a float max_tokens (schema) before the unknown model",
+         {"model": "nope", "prompt": p, "max_tokens": 2.5}),
+    ]
+
+
+def random_request(rng: random.Random, context: int, prompt_of: Callable[[int], str],
+                   model: str) -> dict:
+    """A body with each field valid, invalid or absent at random (often two problems)."""
+    body: dict = {}
+    pick = rng.random
+    if pick() < 0.5:
+        body["model"] = rng.choice([model, model, "other-model", None])
+    if pick() < 0.92:
+        body["prompt"] = rng.choice(["", prompt_of(rng.randint(1, 12)),
+                                     prompt_of(rng.randint(context - 20, context + 3))])
+    if pick() < 0.7:
+        body["max_tokens"] = rng.choice([None, 0, -1, 1, 2, 8, 16, 24, 1.5, True, "3",
+                                         rng.randint(1, context)])
+    if pick() < 0.4:
+        body["temperature"] = rng.choice([0, 0.5, 1, 2, 2.01, -1, None])
+    if pick() < 0.3:
+        body["top_p"] = rng.choice([0, 0.1, 1, 1.01, None])
+    if pick() < 0.3:
+        body["n"] = rng.choice([0, 1, 3, 16, 17, True])
+    if pick() < 0.3:
+        body["stop"] = rng.choice([None, "\n", [], ["a"], list("abcd"), list("abcde")])
+    return body
+
+
+def _normalise_answer(ctx: Context, got):
+    if got is None:
+        return None
+    if not isinstance(got, (tuple, list)) or len(got) != 2:
+        ctx.fail(f"expected None or a (status, body) pair, got {got!r}"[:300])
+    status, body = got
+    if isinstance(status, bool) or not isinstance(status, int):
+        ctx.fail(f"the status must be an int (400, 404), got {status!r}")
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict) or not {"message", "type", "param", "code"} <= set(error):
+        ctx.fail(f"the body must be {{'error': {{'message', 'type', 'param', 'code'}}}} (the "
+                 f"OpenAI error shape), got {body!r}"[:300])
+    if not isinstance(error["message"], str) or not error["message"]:
+        ctx.fail("error['message'] must say what is wrong (a non-empty string)")
+    return status, error
+
+
+def _describe_answer(answer) -> str:
+    if answer is None:
+        return "None (valid)"
+    status, error = answer
+    return f"{status} with param {error['param']!r}"
+
+
+def _compare_validation(ctx: Context, fn, body: dict, model: str, context: int, count) -> None:
+    want = reference_validate_completion(body, model, context, count)
+    given = {k: (list(v) if isinstance(v, list) else v) for k, v in body.items()}
+    got = _normalise_answer(ctx, fn(given, model, context, count))
+    if given != body:
+        ctx.fail("your function changed the request body it was given")
+    if want is None or got is None:
+        if (want is None) != (got is None):
+            ctx.fail(f"expected {_describe_answer(want and (want[0], want[1]['error']))}, got "
+                     f"{_describe_answer(got)}")
+        return
+    status, error = got
+    w_status, w_error = want[0], want[1]["error"]
+    if (status, error["param"]) != (w_status, w_error["param"]):
+        ctx.fail(f"expected {w_status} with param {w_error['param']!r}, got {status} with param "
+                 f"{error['param']!r} (the server reports the first problem, in its order)")
+    if error["type"] != w_error["type"]:
+        ctx.fail(f"error['type'] should be {w_error['type']!r} for a {w_status}, got "
+                 f"{error['type']!r}")
+
+
+@check("request validator", POINTS["request_validator"])
+def check_request_validator(ctx: Context, fn) -> None:
+    """``fn(body, model_name, context_len, count_tokens)`` -> None or (status, error body), the
+    status, ``param`` and ``type`` as :func:`reference_validate_completion`."""
+    model, context = "tiny", 64
+
+    def prompt_of(n: int) -> str:
+        return "abcd" * n
+
+    for label, body in request_cases(context, prompt_of, model):
+        ctx.case = f"{label} (body with {_body_summary(body)}; context {context} tokens)"
+        _compare_validation(ctx, fn, body, model, context, char_tokens)
+    rng = random.Random(803)
+    for i in range(RANDOM_CASES):
+        body = random_request(rng, context, prompt_of, model)
+        ctx.case = f"random body {i} ({_body_summary(body)}; context {context} tokens)"
+        _compare_validation(ctx, fn, body, model, context, char_tokens)
+
+
+def _body_summary(body: dict) -> str:
+    parts = []
+    for key, value in body.items():
+        if key == "prompt" and isinstance(value, str):
+            parts.append(f"prompt of {char_tokens(value)} tokens")
+        else:
+            parts.append(f"{key}={value!r}")
+    return ", ".join(parts) or "no fields"

@@ -245,16 +245,18 @@ def test_full_queue_gets_503_with_retry_after(tiny):
 
 def test_disconnect_mid_stream_frees_the_blocks(server):
     aborted = metric(server, "vllm:request_success_total", finished_reason="abort")
-    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "stream": True}
+    generated = metric(server, "vllm:generation_tokens_total")
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 480, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
         for _ in range(5):
             next(lines)
         assert metric(server, "vllm:kv_cache_usage_perc") > 0
-    # the client has gone: the request is aborted and every block freed, long before 400 tokens
+    # the client has gone: the request is aborted and every block freed, long before 480 tokens
     assert wait_for(lambda: metric(server, "vllm:kv_cache_usage_perc") == 0
                     and metric(server, "vllm:num_requests_running") == 0)
     assert server.engine.num_unfinished == 0
+    assert metric(server, "vllm:generation_tokens_total") - generated < 100
     assert metric(server, "vllm:request_success_total", finished_reason="abort") == aborted + 1
 
 
@@ -336,45 +338,46 @@ def _status(url: str) -> int | None:
         return None
 
 
-def test_cli_serve_drains_on_sigterm():
-    """SIGTERM: /health 503, new requests 503, the request in flight still completes, exit 0."""
-    server = ServerProcess("--model", "tiny", "--shutdown-timeout", "60", threads=1).start()
+def sigterm_mid_stream(shutdown_timeout: float, max_tokens: int, while_draining=None):
+    """`course-lib serve` in a child process: open a stream, SIGTERM after its first chunk, run
+    ``while_draining(server)``, read the rest. Returns (data lines after the first, exit code,
+    seconds from the signal to the exit)."""
+    server = ServerProcess("--model", "tiny", "--shutdown-timeout", str(shutdown_timeout), threads=1).start()
     try:
-        body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 150, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
-            lines = r.iter_lines()
-            next(lines)
-            server.proc.send_signal(15)
-            assert wait_for(lambda: _status(server.url + "/health") == 503)
-            refused = httpx.post(server.url + "/v1/completions", json={"prompt": "x"})
-            assert refused.status_code == 503
-            rest = [line for line in lines if line.startswith("data: ")]
-        assert rest[-1] == "data: [DONE]"
-        assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
-        assert server.proc.wait(60) == 0
-    finally:
-        server.kill()
-
-
-def test_cli_serve_cuts_off_at_the_shutdown_timeout():
-    """A request still running when --shutdown-timeout runs out gets an error chunk and [DONE];
-    the process exits soon after, not when the request would have finished."""
-    server = ServerProcess("--model", "tiny", "--shutdown-timeout", "1", threads=1).start()
-    try:
-        body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 480, "ignore_eos": True, "stream": True}
+        body = {"model": "tiny", "prompt": PROMPT, "max_tokens": max_tokens, "ignore_eos": True,
+                "stream": True}
         with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
             next(lines)
             signalled = time.monotonic()
             server.proc.send_signal(15)
+            if while_draining is not None:
+                while_draining(server)
             rest = [line[6:] for line in lines if line.startswith("data: ")]
-        assert rest[-1] == "[DONE]"
-        assert "--shutdown-timeout 1 s" in json.loads(rest[-2])["error"]["message"]
-        assert server.proc.wait(30) == 0
-        assert time.monotonic() - signalled < 8
-        assert len(rest) < 400  # cut off, not run to the end
+        code = server.proc.wait(60)
+        return rest, code, time.monotonic() - signalled
     finally:
         server.kill()
+
+
+def test_cli_serve_drains_on_sigterm():
+    """SIGTERM: /health 503, new requests 503, the request in flight still completes, exit 0."""
+    def refuses_new_work(server):
+        assert wait_for(lambda: _status(server.url + "/health") == 503)
+        assert httpx.post(server.url + "/v1/completions", json={"prompt": "x"}).status_code == 503
+
+    rest, code, _ = sigterm_mid_stream(60, 150, refuses_new_work)
+    assert rest[-1] == "[DONE]" and code == 0
+    assert json.loads(rest[-2])["choices"][0]["finish_reason"] == "length"
+
+
+def test_cli_serve_cuts_off_at_the_shutdown_timeout():
+    """A request still running when --shutdown-timeout runs out gets an error chunk and [DONE];
+    the process exits soon after, not when the request would have finished."""
+    rest, code, seconds = sigterm_mid_stream(1, 480)
+    assert rest[-1] == "[DONE]" and code == 0
+    assert "--shutdown-timeout 1 s" in json.loads(rest[-2])["error"]["message"]
+    assert seconds < 8 and len(rest) < 400  # cut off, not run to the end
 
 
 def test_a_quantized_checkpoint_serves_like_the_quantized_hf_model(tiny, tmp_path):

@@ -358,6 +358,18 @@ def create_app(load_engine: Callable[[], LLMEngine], model_name: str = "tiny", *
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    def start(body, prompt_of, max_tokens: int | None) -> Generation:
+        """Check a request and queue its choices. ``prompt_of(tokenizer)`` gives the prompt(s)
+        and any stop strings a chat template needs."""
+        check_model(body.model)
+        check_supported(body)
+        engine = state.ready_engine()
+        prompt, template_stops = prompt_of(engine.engine.tokenizer)
+        prompts = _tokenize_prompts(prompt, engine.engine.tokenizer)
+        pick = _default_max_tokens(max_tokens, engine.engine.model.config.n_positions)
+        return Generation(state, prompts, body.n, lambda ids, i: sampling_params(body, pick(ids), i),
+                          stop_strings(body.stop) + template_stops)
+
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 
     @v1.get("/models")
@@ -367,14 +379,7 @@ def create_app(load_engine: Callable[[], LLMEngine], model_name: str = "tiny", *
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
-        check_model(body.model)
-        check_supported(body)
-        engine = state.ready_engine()
-        tokenizer = engine.engine.tokenizer
-        prompts = _tokenize_prompts(body.prompt, tokenizer)
-        pick = _default_max_tokens(body.max_tokens, engine.engine.model.config.n_positions)
-        gen = Generation(state, prompts, body.n,
-                         lambda ids, i: sampling_params(body, pick(ids), i), stop_strings(body.stop))
+        gen = start(body, lambda tokenizer: (body.prompt, []), body.max_tokens)
         head = {"id": new_id("cmpl"), "object": "text_completion", "created": now(),
                 "model": model_name}
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -392,16 +397,8 @@ def create_app(load_engine: Callable[[], LLMEngine], model_name: str = "tiny", *
 
     @v1.post("/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
-        check_model(body.model)
-        check_supported(body)
-        engine = state.ready_engine()
-        tokenizer = engine.engine.tokenizer
-        text, template_stops = render_chat(body.messages, tokenizer)
-        prompts = _tokenize_prompts(text, tokenizer)
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        pick = _default_max_tokens(requested, engine.engine.model.config.n_positions)
-        gen = Generation(state, prompts, body.n, lambda ids, i: sampling_params(body, pick(ids), i),
-                         stop_strings(body.stop) + template_stops)
+        gen = start(body, lambda tokenizer: render_chat(body.messages, tokenizer), requested)
         head = {"id": new_id("chatcmpl"), "object": "chat.completion.chunk", "created": now(),
                 "model": model_name}
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

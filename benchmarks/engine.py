@@ -38,7 +38,6 @@ Writes ``benchmarks/results/engine-<machine>.json`` and a bar chart ``.png`` bes
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -47,7 +46,7 @@ import torch
 import transformers
 from transformers.generation.streamers import BaseStreamer
 
-from course_lib import runtime
+from course_lib import runtime, viz
 from course_lib.models.gpt import GPT
 from course_lib.models.hub import load_model
 from course_lib.models.paged import PagedKVCache
@@ -233,13 +232,8 @@ def memory_section(prompts, olens, budget_tokens: int, max_len: int, block_size:
 
 
 def plot(result: dict, out: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot written")
+    plt = viz.script_pyplot()
+    if plt is None:
         return
     rows = result["systems"]
     names = [r["system"] for r in rows]
@@ -371,10 +365,7 @@ def main() -> None:
                                         if not args.no_hf else None),
         "target_met": met, "same_greedy_outputs": same, "memory": memory,
     }
-    out = args.out or RESULTS / f"engine-{runtime.machine_slug()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    out = runtime.write_result("engine", result, RESULTS, args.out)
     plot(result, out.with_suffix(".png"))
 
 

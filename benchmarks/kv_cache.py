@@ -26,7 +26,6 @@ Writes ``benchmarks/results/kv_cache-<machine>.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
@@ -179,10 +178,7 @@ def main() -> None:
               f"{chapter_row['flop_ratio']:.1f}x ({hf.course_name}, prompt {args.prompt_len}, "
               f"{result['machine']})")
     print(f"why (at {biggest['new_tokens']} new tokens): {line}")
-    out = args.out or RESULTS / f"kv_cache-{runtime.machine_slug()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    runtime.write_result("kv_cache", result, RESULTS, args.out)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ Writes ``benchmarks/results/paged_attention-<machine>.json``.
 """
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -188,10 +187,7 @@ def main() -> None:
               "torch": torch.__version__, "triton_mode": runtime.triton_mode(),
               "settings": {**vars(args), "heads": HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK_SIZE,
                            "dtype": str(DTYPE)}, **body}
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"paged_attention-{runtime.machine_slug()}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    runtime.write_result("paged_attention", result, RESULTS)
     if body.get("all_ok") is False:
         raise SystemExit("kernel check FAILED")
 

@@ -23,7 +23,6 @@ Writes ``benchmarks/results/quant_kernels-<machine>.json``.
 """
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -192,10 +191,7 @@ def main() -> None:
               "machine": runtime.machine_description(), "device": str(runtime.get_device()),
               "torch": torch.__version__, "triton_mode": runtime.triton_mode(),
               "settings": vars(args), **body}
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"quant_kernels-{runtime.machine_slug()}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    runtime.write_result("quant_kernels", result, RESULTS)
     if body.get("all_ok") is False:
         raise SystemExit("kernel check FAILED")
 

@@ -22,7 +22,6 @@ Writes ``benchmarks/results/quant_quality-<machine>.json`` and a bar chart ``.pn
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -106,12 +105,10 @@ def main() -> None:
     runtime.seed_everything(args.seed)
     names = list(dict.fromkeys(resolve(name)[0] for name in args.models))  # offline: all -> tiny, once
     results = [run_model(name, args) for name in names]
-    out = args.out or RESULTS / f"quant_quality-{runtime.machine_slug()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": "quant_quality", "machine": runtime.machine_description(),
                "torch": torch.__version__, "transformers": transformers.__version__,
                "device": str(runtime.get_device()), "quick": args.quick, "results": results}
-    out.write_text(json.dumps(payload, indent=2) + "\n")
+    out = runtime.write_result("quant_quality", payload, RESULTS, args.out)
     try:
         from course_lib.viz import plot_quant_quality
 
@@ -120,7 +117,6 @@ def main() -> None:
             fig.savefig(out.with_name(out.stem + f"-{result['model']}.png"), dpi=120)
     except ImportError:
         print("matplotlib not installed: no plot written")
-    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

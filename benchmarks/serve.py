@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 from pathlib import Path
 
-from course_lib import runtime
+from course_lib import runtime, viz
 from course_lib.serving.launch import ServerProcess
 from course_lib.serving.loadgen import check_loopback, run_load
 
@@ -61,13 +60,8 @@ def _ms(x: float | None) -> str:
 
 
 def plot(result: dict, out: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot written")
+    plt = viz.script_pyplot()
+    if plt is None:
         return
     rows = result["levels"]
     c = [r["concurrency"] for r in rows]
@@ -188,10 +182,7 @@ def main() -> int:
         "levels": rows, "ratio_repeats": repeats, "soak_passed": soak_ok, "c8_over_c1_output_throughput": ratio,
         "scaling_passed": scale_ok, "target_met": soak_ok and scale_ok,
     }
-    out = args.out or RESULTS / f"serve-{runtime.machine_slug()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    out = runtime.write_result("serve", result, RESULTS, args.out)
     plot(result, out.with_suffix(".png"))
     return 0 if result["target_met"] or args.no_fail else 1
 

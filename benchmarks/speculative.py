@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import re
 import statistics
 import time
@@ -262,10 +261,7 @@ def main() -> None:
         "best": best["method"],
         "claim_met": claim_met,
     }
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"speculative-{runtime.machine_slug()}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    runtime.write_result("speculative", result, RESULTS)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Writes ``benchmarks/results/tiny_pair_speed-<machine>.json``.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -106,10 +105,7 @@ def main() -> None:
     print("draft speed-up over target: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     print(f"claim (>= 4x per decoded token, forward loops): {'met' if result['claim_met'] else 'NOT met'} "
           f"on {result['machine']}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"tiny_pair_speed-{runtime.machine_slug()}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    runtime.write_result("tiny_pair_speed", result, RESULTS)
 
 
 if __name__ == "__main__":

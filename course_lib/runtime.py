@@ -15,6 +15,7 @@ Environment variables:
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import platform
 import random
@@ -140,6 +141,16 @@ def machine_description() -> str:
 def machine_slug() -> str:
     """A file-name-safe short form of :func:`machine_description`, for benchmark result files."""
     return re.sub(r"[^a-z0-9]+", "-", machine_description().lower()).strip("-")[:60]
+
+
+def write_result(name: str, result: dict, results_dir: Path, out: Path | None = None) -> Path:
+    """Write a benchmark's result as JSON to ``out``, by default
+    ``results_dir/<name>-<machine slug>.json`` (so runs on different machines sit side by side)."""
+    out = Path(out) if out is not None else Path(results_dir) / f"{name}-{machine_slug()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return out
 
 
 def summary() -> dict[str, str]:

@@ -17,6 +17,20 @@ def _plt():
     return plt
 
 
+def script_pyplot():
+    """pyplot on the file-only Agg backend, for scripts that save plots (the benchmarks); None,
+    with a one-line message, when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib not installed: no plot written")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_quantization(x: torch.Tensor, bits: int = 4, scheme: str = "symmetric",
                       granularity: str = "per_tensor", group_size: int = 128, axis: int = 0,
                       bins: int = 120, title: str | None = None):

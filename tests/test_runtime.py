@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -85,3 +86,12 @@ def test_doctor_offline_reports_tiny_pair():
     assert "triton_mode" in res.stdout and "torch" in res.stdout
     assert "in use: tiny" in res.stdout and "pair tiny / tiny-draft" in res.stdout
     assert "gpt2" in res.stdout and "offline mode" in res.stdout
+
+
+def test_write_result_names_the_file_after_the_machine(tmp_path):
+    result = {"benchmark": "x", "value": 1.5}
+    out = runtime.write_result("x", result, tmp_path / "results")
+    assert out == tmp_path / "results" / f"x-{runtime.machine_slug()}.json"
+    assert json.loads(out.read_text()) == result
+    chosen = runtime.write_result("x", result, tmp_path / "results", tmp_path / "deep" / "mine.json")
+    assert chosen == tmp_path / "deep" / "mine.json" and json.loads(chosen.read_text()) == result

@@ -33,9 +33,9 @@ _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight
 #: The torch (CPU) decode path pads a batch of decodes to its longest context and runs one
 #: masked SDPA call when that reads at most ``PADDED_DECODE_MAX_WASTE`` times the keys actually
 #: needed and at most ``PADDED_DECODE_MAX_KEYS`` keys in all; else one unmasked call per
-#: sequence. Measured on a 2-core CPU with the tiny model: 8 decodes of ~32-96 tokens ran 18%
-#: faster padded (median of 5); a mix of 16..512-token contexts ran 35% slower padded without
-#: the key cap (the masked call loses to per-sequence fused attention on long contexts).
+#: sequence. On a 2-core CPU with the tiny model, padding won for a few short contexts and lost
+#: badly on long ones (the masked call is slower than per-sequence fused attention there), hence
+#: the key cap; see the issue 7 note for that A/B.
 PADDED_DECODE_MAX_WASTE = 2.0
 PADDED_DECODE_MAX_KEYS = 1024
 

@@ -606,3 +606,13 @@ def test_notebook_checks_pass_on_solutions_and_fail_on_exercises(name, capsys) -
             exec(compile(exercise[i + 1], f"exercises/{name}[{i + 1}]", "exec"), namespace)
     out = capsys.readouterr().out
     assert out.count("✓") == len(tasks) and out.count("✗") == len(tasks)
+
+
+# --- hidden cases ------------------------------------------------------------------------------
+
+
+def test_symmetric_quantize_hidden_cases(capsys) -> None:
+    from check_contract import assert_hardcoding_fails_hidden, assert_hidden_right_answer_passes
+
+    assert_hidden_right_answer_passes(check_symmetric_quantize, sym)
+    assert_hardcoding_fails_hidden(check_symmetric_quantize, sym, sym_scale_128)

@@ -83,6 +83,7 @@ __all__ = [
     "check_slot_mapping",
     "check_symmetric_quantize",
     "grade",
+    "grade_task",
     "total_points",
 ]
 
@@ -143,19 +144,25 @@ def total_points(notebook: str | None = None) -> int:
     return sum(t.points for t in TASKS.values() if notebook in (None, t.notebook))
 
 
-def grade(namespace: Mapping[str, object], notebook: str) -> list[CheckResult]:
-    """Run every task of ``notebook`` on the learner's definitions found in ``namespace``.
+def grade_task(task_id: str, namespace: Mapping[str, object],
+               hidden_seed: int | None = None) -> CheckResult:
+    """Run one task (e.g. "01.pack_int4") on the learner's definitions found in ``namespace``.
 
-    A name the learner never defined counts as a failed task (0 points); nothing raises.
+    A name the learner never defined gives status "missing" (0 points); nothing raises.
     """
-    results = []
-    for task in (t for t in TASKS.values() if t.notebook == notebook):
-        missing = [name for name in task.names if name not in namespace]
-        if missing:
-            result = CheckResult(task.check.task_name, False, 0, task.points,
-                                 f"{', '.join(missing)} is not defined")
-            print(result)
-        else:
-            result = task.check(*(namespace[name] for name in task.names), raise_on_fail=False)
-        results.append(result)
-    return results
+    task = TASKS[task_id]
+    missing = [name for name in task.names if name not in namespace]
+    if missing:
+        result = CheckResult(task.check.task_name, False, 0, task.points,
+                             f"{', '.join(missing)} is not defined", "missing")
+        print(result)
+        return result
+    return task.check(*(namespace[name] for name in task.names), raise_on_fail=False,
+                      hidden_seed=hidden_seed)
+
+
+def grade(namespace: Mapping[str, object], notebook: str,
+          hidden_seed: int | None = None) -> list[CheckResult]:
+    """Run every task of ``notebook`` on the learner's definitions found in ``namespace``."""
+    return [grade_task(task_id, namespace, hidden_seed)
+            for task_id, task in TASKS.items() if task.notebook == notebook]

@@ -74,15 +74,20 @@ def _zero_value(ctx: Context, zero, want: torch.Tensor, what: str) -> torch.Tens
 @check("symmetric quantize", POINTS["symmetric_quantize"])
 def check_symmetric_quantize(ctx: Context, fn) -> None:
     """``fn(x, bits) -> (q, scale)``: per-tensor symmetric codes (int8) and one float scale."""
-    gen = torch.Generator().manual_seed(101)
+    gen = ctx.generator(101)
+    shapes = [ctx.pick((7,), (5,), (9,), (13,), seed=1),
+              ctx.pick((3, 5), (5, 3), (4, 7), (6, 9), seed=2),
+              ctx.pick((2, 3, 17), (3, 2, 11), (2, 5, 13), seed=3),
+              ctx.pick((33, 65), (31, 67), (47, 29), (65, 33), seed=4)]
+    bits = [8, 4, 3, 8] if not ctx.hidden else [ctx.rng(5 + i).randint(2, 8) for i in range(4)]
     cases = [
         ("worked example", torch.tensor(WORKED_EXAMPLE), 8),
         ("largest magnitude is negative", torch.tensor([-5.0, 0.5, 2.0]), 8),
         ("all zeros", torch.zeros(6), 8),
-        ("random (7,) bits=8", _randn(gen, 7), 8),
-        ("random (3, 5) bits=4", _randn(gen, 3, 5, scale=0.1), 4),
-        ("random (2, 3, 17) bits=3", _randn(gen, 2, 3, 17, scale=3.0, shift=1.0), 3),
-        ("random (33, 65) bits=8", _randn(gen, 33, 65, scale=0.02), 8),
+        (f"random {shapes[0]}", _randn(gen, *shapes[0]), bits[0]),
+        (f"random {shapes[1]}", _randn(gen, *shapes[1], scale=0.1), bits[1]),
+        (f"random {shapes[2]}", _randn(gen, *shapes[2], scale=3.0, shift=1.0), bits[2]),
+        (f"random {shapes[3]}", _randn(gen, *shapes[3], scale=0.02), bits[3]),
     ]
     for label, x, bits in cases:
         ctx.case = _label(label, x, bits)

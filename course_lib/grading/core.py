@@ -6,11 +6,19 @@ function a notebook calls. That function never crashes on the learner's mistakes
 one line (``✓ task: passed (N/N points)`` or ``✗ task: what differs``), returns a
 :class:`CheckResult`, and, unless ``raise_on_fail=False``, raises ``AssertionError`` on a
 failure so that nbval notices a solution notebook that stopped passing.
+
+**Hidden cases.** ``check_x(fn, hidden_seed=S)`` runs the visible cases and then the same
+checks again with ``ctx.hidden`` set: every random case then draws its values *and its shapes*
+from generators mixed with the instructor's seed ``S`` (``ctx.generator``, ``ctx.seed``,
+``ctx.pick``), so an answer that hard-codes the visible cases fails. The grader passes ``S``
+under ``course-lib grade --hidden``; it never appears in a student notebook.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import random
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +30,11 @@ _HERE = Path(__file__).resolve().parent
 _TORCH_DIR = Path(torch.__file__).resolve().parent
 
 
+#: What a check can conclude: right; a wrong answer; the learner's code raised (or timed out);
+#: nothing to grade (the names are not defined, or still raise NotImplementedError).
+STATUSES = ("pass", "fail", "error", "missing")
+
+
 @dataclass
 class CheckResult:
     """Outcome of one check: all-or-nothing points, and a message saying what differed."""
@@ -31,6 +44,13 @@ class CheckResult:
     points: int
     max_points: int
     message: str
+    status: str = ""  # one of STATUSES; "" means pass/fail from ``passed``
+
+    def __post_init__(self) -> None:
+        if not self.status:
+            self.status = "pass" if self.passed else "fail"
+        if self.status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
 
     def _ipython_display_(self) -> None:
         """Show nothing: the check has already printed its line (a cell ending in a check
@@ -46,14 +66,51 @@ class Mismatch(Exception):
     """The learner's answer differs from the expected one; the message says how."""
 
 
-class Context:
-    """What a check is doing right now (the case), so every message can name it."""
+def mix_seed(seed: int, hidden_seed: int) -> int:
+    """A 63-bit seed derived from a check's own seed and the instructor's hidden seed."""
+    digest = hashlib.sha256(f"{seed}:{hidden_seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
-    def __init__(self) -> None:
+
+class Context:
+    """What a check is doing right now (the case, so every message can name it), and where its
+    random cases come from (the visible seeds, or the hidden ones)."""
+
+    def __init__(self, hidden_seed: int | None = None) -> None:
         self.case: str | None = None
+        self.hidden_seed = hidden_seed
+
+    @property
+    def hidden(self) -> bool:
+        """True while the instructor-only cases run (``course-lib grade --hidden``)."""
+        return self.hidden_seed is not None
+
+    def seed(self, seed: int) -> int:
+        """``seed`` for the visible cases; a seed mixed with the hidden seed otherwise."""
+        return seed if self.hidden_seed is None else mix_seed(seed, self.hidden_seed)
+
+    def generator(self, seed: int) -> torch.Generator:
+        """A CPU ``torch.Generator`` seeded with :meth:`seed`."""
+        return torch.Generator().manual_seed(self.seed(seed))
+
+    def rng(self, seed: int) -> random.Random:
+        """A ``random.Random`` seeded with :meth:`seed`."""
+        return random.Random(self.seed(seed))
+
+    def pick(self, visible, *hidden_choices, seed: int = 0):
+        """``visible`` for the visible cases; one of ``hidden_choices`` (chosen by the hidden
+        seed) in hidden mode. Use it for shapes and sizes, so hidden cases differ in shape too."""
+        if self.hidden_seed is None or not hidden_choices:
+            return visible
+        return self.rng(seed).choice(hidden_choices)
 
     def fail(self, what: str) -> None:
-        raise Mismatch(f"{self.case}: {what}" if self.case else what)
+        case = self.case
+        if case and self.hidden:
+            case = f"hidden case, {case}"
+        elif self.hidden:
+            case = "hidden case"
+        raise Mismatch(f"{case}: {what}" if case else what)
 
 
 def _where(exc: BaseException) -> str:
@@ -67,30 +124,42 @@ def _where(exc: BaseException) -> str:
     return ""
 
 
-def run_check(name: str, points: int, body: Callable[..., None], *learner) -> CheckResult:
-    """Run ``body(ctx, *learner)`` and turn whatever happens into a CheckResult."""
-    ctx = Context()
+def _run_once(name: str, points: int, body: Callable[..., None], learner: tuple,
+              hidden_seed: int | None) -> CheckResult:
+    ctx = Context(hidden_seed)
     try:
         body(ctx, *learner)
     except NotImplementedError:
         return CheckResult(name, False, 0, points, "not implemented yet (replace `raise "
-                           "NotImplementedError()` with your solution)")
+                           "NotImplementedError()` with your solution)", "missing")
     except Mismatch as exc:
-        return CheckResult(name, False, 0, points, str(exc))
+        return CheckResult(name, False, 0, points, str(exc), "fail")
     except Exception as exc:  # the learner's code failed: report it, never crash the check
-        case = f"{ctx.case}: " if ctx.case else ""
+        case = f"{'hidden case, ' if ctx.hidden else ''}{ctx.case}: " if ctx.case else ""
         return CheckResult(name, False, 0, points,
-                           f"{case}your code raised {type(exc).__name__}: {exc}{_where(exc)}")
-    return CheckResult(name, True, points, points, "")
+                           f"{case}your code raised {type(exc).__name__}: {exc}{_where(exc)}",
+                           "error")
+    return CheckResult(name, True, points, points, "", "pass")
+
+
+def run_check(name: str, points: int, body: Callable[..., None], *learner,
+              hidden_seed: int | None = None) -> CheckResult:
+    """Run ``body(ctx, *learner)`` and turn whatever happens into a CheckResult; with a
+    ``hidden_seed``, the hidden cases must pass too."""
+    result = _run_once(name, points, body, learner, None)
+    if result.passed and hidden_seed is not None:
+        result = _run_once(name, points, body, learner, int(hidden_seed))
+    return result
 
 
 def check(name: str, points: int):
-    """Decorator: turn ``body(ctx, *learner)`` into ``check_x(*learner, raise_on_fail=True)``."""
+    """Decorator: turn ``body(ctx, *learner)`` into
+    ``check_x(*learner, raise_on_fail=True, hidden_seed=None)``."""
 
     def decorate(body: Callable[..., None]) -> Callable[..., CheckResult]:
         @functools.wraps(body)
-        def run(*learner, raise_on_fail: bool = True) -> CheckResult:
-            result = run_check(name, points, body, *learner)
+        def run(*learner, raise_on_fail: bool = True, hidden_seed: int | None = None) -> CheckResult:
+            result = run_check(name, points, body, *learner, hidden_seed=hidden_seed)
             print(result)
             if not result.passed and raise_on_fail:
                 raise AssertionError(str(result))

@@ -616,3 +616,134 @@ def test_symmetric_quantize_hidden_cases(capsys) -> None:
 
     assert_hidden_right_answer_passes(check_symmetric_quantize, sym)
     assert_hardcoding_fails_hidden(check_symmetric_quantize, sym, sym_scale_128)
+
+
+#: the checks of chapters 1 and 2, every one of which draws hidden cases
+CHAPTER_1_2 = [check_symmetric_quantize, check_dequantize, check_asymmetric_quantize,
+               check_per_group_quantize, check_pack_int4, check_minmax_observer, check_int8_linear,
+               check_conv1d_to_linear]
+
+
+@pytest.mark.parametrize("check", CHAPTER_1_2, ids=lambda c: c.__name__)
+def test_chapter_1_2_hidden_right_answer_passes(check, capsys) -> None:
+    from check_contract import assert_hidden_right_answer_passes
+
+    assert_hidden_right_answer_passes(check, *RIGHT[check])
+
+
+@pytest.mark.parametrize("check, right, wrong", [
+    (check_dequantize, deq, deq_uint8_wrap),
+    (check_asymmetric_quantize, asym, asym_zero_wrong_sign),
+    (check_per_group_quantize, per_group, per_group_wrong_axis),
+    (check_conv1d_to_linear, conv1d_to_linear, conv1d_no_transpose),
+], ids=lambda x: x.__name__)
+def test_chapter_1_2_hardcoding_fails_hidden(check, right, wrong, capsys) -> None:
+    from check_contract import assert_hardcoding_fails_hidden
+
+    assert_hardcoding_fails_hidden(check, right, wrong)
+
+
+def _shapes(value) -> set:
+    """The shapes of every tensor (or module weight) among a call's arguments."""
+    if isinstance(value, nn.Module):
+        value = value.weight
+    if isinstance(value, torch.Tensor):
+        return {tuple(value.shape)} if value.dim() else set()
+    if isinstance(value, (list, tuple)):
+        return set().union(*map(_shapes, value))
+    return set()
+
+
+@pytest.mark.parametrize("check", [c for c in CHAPTER_1_2
+                                   if c not in (check_minmax_observer, check_int8_linear)],
+                         ids=lambda c: c.__name__)
+def test_chapter_1_2_hidden_cases_have_new_shapes(check, capsys) -> None:
+    from check_contract import HIDDEN_SEEDS
+
+    def recording(right):
+        def call(*args):
+            seen.update(_shapes(args))
+            return right(*args)
+        return call
+
+    learner = tuple(map(recording, RIGHT[check]))
+    seen: set = set()
+    assert check(*learner, raise_on_fail=False).passed
+    visible = set(seen)
+    for seed in HIDDEN_SEEDS:
+        seen.clear()
+        assert check(*learner, raise_on_fail=False, hidden_seed=seed).passed
+        assert seen - visible, f"hidden seed {seed}: no shape the visible cases did not use"
+
+
+def test_pack_int4_hardcoding_fails_hidden(capsys) -> None:
+    """pack and unpack each replay what the library returned for the visible inputs."""
+    from check_contract import HIDDEN_SEEDS, fingerprint
+
+    def memorizer(right, wrong):
+        table = {}
+
+        def record(x):
+            table[fingerprint(x)] = right(x).clone()
+            return right(x)
+
+        def replay(x):
+            return table[fingerprint(x)].clone() if fingerprint(x) in table else wrong(x)
+
+        return record, replay
+
+    record_pack, replay_pack = memorizer(affine.pack_int4, pack_high_nibble_first)
+    record_unpack, replay_unpack = memorizer(affine.unpack_int4, unpack_int32_result)
+    assert check_pack_int4(record_pack, record_unpack, raise_on_fail=False).passed
+    assert check_pack_int4(replay_pack, replay_unpack, raise_on_fail=False).passed
+    for seed in HIDDEN_SEEDS:
+        result = check_pack_int4(replay_pack, replay_unpack, raise_on_fail=False, hidden_seed=seed)
+        assert not result.passed and result.message.startswith("hidden case, random codes of shape ")
+
+
+def _seen_in(check, learner, hidden_seed=None) -> set:
+    learner.seen = set()
+    assert check(learner, raise_on_fail=False, hidden_seed=hidden_seed).passed
+    return learner.seen
+
+
+def test_minmax_observer_hidden_cases_show_new_batches(capsys) -> None:
+    from check_contract import HIDDEN_SEEDS, fingerprint
+
+    class Recording(Observer):
+        seen: set = set()
+
+        def observe(self, x):
+            type(self).seen.add(("shape", tuple(x.shape)))
+            type(self).seen.add(("batch", fingerprint(x)))
+            super().observe(x)
+
+    visible = _seen_in(check_minmax_observer, Recording)
+    for seed in HIDDEN_SEEDS:
+        hidden = _seen_in(check_minmax_observer, Recording, seed) - visible
+        assert {kind for kind, _ in hidden} == {"shape", "batch"}, "no new shapes or batches"
+        assert sum(kind == "batch" for kind, _ in hidden) >= 20  # all but the worked example
+    assert ("shape", (3, 5)) in visible
+
+
+def test_int8_linear_hidden_cases_show_new_layers_and_inputs(capsys) -> None:
+    from check_contract import HIDDEN_SEEDS
+
+    class Recording(Int8Linear):
+        seen: set = set()
+
+        def __init__(self, linear):
+            type(self).seen.add(("layer", linear.in_features, linear.out_features))
+            type(self).seen.add(("weight", linear.weight.detach().sum().item()))
+            super().__init__(linear)
+
+        def forward(self, x):
+            type(self).seen.add(("input", tuple(x.shape)))
+            return super().forward(x)
+
+    visible = _seen_in(check_int8_linear, Recording)
+    assert ("layer", 37, 23) in visible and ("input", (4, 37)) in visible
+    for seed in HIDDEN_SEEDS:
+        hidden = _seen_in(check_int8_linear, Recording, seed) - visible
+        assert {kind for kind, *_ in hidden} == {"layer", "weight", "input"}
+        assert sum(kind == "weight" for kind, *_ in hidden) == 3  # every layer's weights are new

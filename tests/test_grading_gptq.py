@@ -6,8 +6,14 @@ compare with), so a pass means the check accepts an independent implementation.
 
 from __future__ import annotations
 
+import pytest
 import torch
-from check_contract import contract_tests
+from check_contract import (
+    HIDDEN_SEEDS,
+    assert_hardcoding_fails_hidden,
+    assert_hidden_right_answer_passes,
+    contract_tests,
+)
 
 from course_lib import grading
 from course_lib.grading import (
@@ -17,6 +23,7 @@ from course_lib.grading import (
     check_gptq_column_step,
     checks_gptq,
 )
+from course_lib.grading.core import Context
 from course_lib.quant.affine import compute_qparams, qrange
 from course_lib.quant.gptq import gptq_quantize_weight, inverse_hessian_factor
 
@@ -222,3 +229,68 @@ def test_awq_cases_have_a_clear_best_ratio() -> None:
         _, ratio, errors = checks_gptq.reference_search(weight, x, bits, group)
         best, second = sorted(errors)[:2]
         assert ratio > 0 and second > best * (1 + 1e-3), (ratio, best, second)
+
+
+# --- hidden cases (course-lib grade --hidden) -------------------------------------------------
+
+
+@pytest.mark.parametrize("check, learner", [(c, f) for c, fs in RIGHT.items() for f in fs],
+                         ids=lambda x: x.__name__)
+def test_hidden_right_answer_passes(check, learner, capsys) -> None:
+    assert_hidden_right_answer_passes(check, learner)
+
+
+@pytest.mark.parametrize("check, right, wrong", [
+    (check_accumulate_hessian, accumulate_hessian, hessian_without_the_2),
+    (check_gptq_column_step, column_step, step_without_feedback),
+    (check_awq_scale_search, awq_search_ratio, search_without_normalising),
+], ids=lambda x: x.__name__)
+def test_hardcoding_fails_hidden(check, right, wrong, capsys) -> None:
+    assert_hardcoding_fails_hidden(check, right, wrong)
+
+
+def _shapes_seen(check, right, hidden_seed=None) -> set:
+    seen = set()
+
+    def spy(*args):
+        seen.add(tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else
+                       tuple(tuple(b.shape) for b in a) if isinstance(a, list) else a
+                       for a in args))
+        return right(*args)
+
+    assert check(spy, raise_on_fail=False, hidden_seed=hidden_seed).passed
+    return seen
+
+
+@pytest.mark.parametrize("check, right", [(c, fs[0]) for c, fs in RIGHT.items()],
+                         ids=lambda x: x.__name__)
+def test_hidden_cases_have_other_shapes(check, right, capsys) -> None:
+    """The hidden cases are not the visible ones with other values: their sizes differ too
+    (every random case's shape, for any seed), and the fixed cases stay."""
+    visible = _shapes_seen(check, right)
+    for seed in HIDDEN_SEEDS:
+        hidden = _shapes_seen(check, right, seed) - visible
+        n_random = {check_accumulate_hessian: 4, check_gptq_column_step: 4,
+                    check_awq_scale_search: 3}[check]
+        assert len({args[0] for args in hidden}) >= n_random - 1, hidden
+
+
+def test_hidden_gptq_cases_have_error_feedback_to_measure() -> None:
+    """As for the visible cases, on 15 instructor seeds: a missing feedback cannot pass by luck."""
+    for seed in range(15):
+        ctx = Context(seed)
+        for c, case in enumerate(checks_gptq.GPTQ_CASES):
+            n, k, bits, scheme, salient = checks_gptq._gptq_case(ctx, c, case)
+            assert k >= 3 and 2 <= bits <= 5
+            W, H = checks_gptq.gptq_layer(n, k, salient, seed=ctx.seed(310 + c))
+            result = gptq_quantize_weight(W, H, bits, None, scheme=scheme, block_size=1)
+            assert k < 8 or result.error_gptq < 0.97 * result.error_rtn
+
+
+def test_hidden_awq_cases_have_a_clear_best_ratio() -> None:
+    for seed in range(10):
+        for c, case in enumerate(checks_gptq.AWQ_CASES):
+            (n, k, tokens, bits, group, _), weight, x, (_, ratio, errors) = \
+                checks_gptq._awq_case(Context(seed), c, case)
+            assert k % group == 0 and weight.shape == (n, k) and x.shape == (tokens, k)
+            assert checks_gptq.clear_best_ratio(errors, ratio), (seed, c)

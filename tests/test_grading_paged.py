@@ -8,8 +8,15 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
-from check_contract import contract_tests
+from check_contract import (
+    HIDDEN_SEEDS,
+    assert_hardcoding_fails_hidden,
+    assert_hidden_right_answer_passes,
+    contract_tests,
+    fingerprint,
+)
 
 from course_lib import grading
 from course_lib.grading import (
@@ -18,6 +25,7 @@ from course_lib.grading import (
     check_paged_attention,
     check_slot_mapping,
 )
+from course_lib.grading.checks_paged import RANDOM_RUNS, RUN_SHAPES
 
 # --- right answers ---------------------------------------------------------------------------
 
@@ -263,3 +271,116 @@ def test_grade_reports_missing_names(capsys) -> None:
     results = grading.grade({"BlockAllocator": BlockAllocator}, "06_paged_attention")
     assert [r.passed for r in results] == [True, False, False]
     assert "slot_mapping is not defined" in results[1].message
+
+
+# --- hidden cases (course-lib grade --hidden) -------------------------------------------------
+
+
+@pytest.mark.parametrize("check, learner", [(c, f) for c, fs in RIGHT.items() for f in fs],
+                         ids=lambda x: x.__name__)
+def test_hidden_right_answer_passes(check, learner, capsys) -> None:
+    assert_hidden_right_answer_passes(check, learner)
+
+
+def _recording_allocator(runs: list):
+    """A right allocator that logs, per instance, its constructor arguments and every call."""
+
+    class Recording(BlockAllocator):
+        def __init__(self, num_blocks, block_size):
+            self.log = [("init", num_blocks, block_size)]
+            runs.append(self.log)
+            super().__init__(num_blocks, block_size)
+
+        def allocate(self, seq_id, num_tokens):
+            self.log.append(("allocate", seq_id, num_tokens))
+            return super().allocate(seq_id, num_tokens)
+
+        def append(self, seq_id):
+            self.log.append(("append", seq_id))
+            return super().append(seq_id)
+
+        def fork(self, parent_id, child_id):
+            self.log.append(("fork", parent_id, child_id))
+            super().fork(parent_id, child_id)
+
+        def free(self, seq_id):
+            self.log.append(("free", seq_id))
+            super().free(seq_id)
+
+    return Recording
+
+
+def test_hidden_allocator_runs_are_new(capsys) -> None:
+    """Hidden mode keeps the fixed cases, and runs every random interleaving on operations (and
+    pools) that visible mode never shows: an allocator tuned to the visible runs learns nothing."""
+    visible: list = []
+    assert check_block_allocator(_recording_allocator(visible)).passed
+    seen_logs = {tuple(log) for log in visible}
+    seen_pools = {log[0] for log in visible}
+    for seed in HIDDEN_SEEDS:
+        runs: list = []
+        result = check_block_allocator(_recording_allocator(runs), hidden_seed=seed)
+        assert result.passed
+        hidden = runs[len(visible):]  # the visible pass runs first, then the hidden one
+        assert [tuple(log) for log in hidden[:-RANDOM_RUNS]] == \
+            [tuple(log) for log in visible[:-RANDOM_RUNS]]  # the fixed cases stay
+        new = hidden[-RANDOM_RUNS:]
+        assert all(tuple(log) not in seen_logs for log in new)
+        assert {log[0] for log in new} - seen_pools, "some hidden pool should differ in size"
+        assert len({log[0][2] for log in new}) > 1
+        seen_logs |= {tuple(log) for log in new}  # the next seed's runs are new again
+
+
+def test_hidden_failure_is_labelled(capsys) -> None:
+    result = check_block_allocator(NoCopyOnWrite, raise_on_fail=False, hidden_seed=1)
+    assert not result.passed and not result.message.startswith("hidden case")  # visible first
+    result = check_block_allocator(_FailsOnlyInHiddenPools, raise_on_fail=False, hidden_seed=1)
+    assert not result.passed and result.message.startswith("hidden case, random run (hidden run")
+
+
+class _FailsOnlyInHiddenPools(BlockAllocator):
+    """Right on the pool sizes the visible cases use; forgets ref counts on fork elsewhere."""
+
+    def fork(self, parent_id, child_id):
+        pools = {(4, 4), (3, 2), (2, 2), *RUN_SHAPES}
+        if (len(self.ref_counts), self.block_size) in pools:
+            return super().fork(parent_id, child_id)
+        return ForkWithoutCounts.fork(self, parent_id, child_id)
+
+
+def zeros_like_q(q, k_cache, v_cache, block_table, context_len):
+    return torch.zeros_like(q)
+
+
+def test_hardcoded_slot_mapping_fails_hidden(capsys) -> None:
+    assert_hardcoding_fails_hidden(check_slot_mapping, slot_mapping, slot_ignores_the_table)
+
+
+def test_hardcoded_paged_attention_fails_hidden(capsys) -> None:
+    assert_hardcoding_fails_hidden(check_paged_attention, paged_attention, zeros_like_q)
+
+
+def hidden_inputs(check, learner, seed) -> tuple[set, set]:
+    """Fingerprints of the arguments ``learner`` gets in the visible cases of ``check``, and in
+    its hidden cases for ``seed``."""
+    calls: list = []
+
+    def spy(*args):
+        calls.append(fingerprint(args))
+        return learner(*args)
+
+    assert check(spy).passed
+    visible = list(calls)
+    calls.clear()
+    assert check(spy, hidden_seed=seed).passed
+    assert calls[:len(visible)] == visible
+    return set(visible), set(calls[len(visible):])
+
+
+@pytest.mark.parametrize("check, learner", [(check_slot_mapping, slot_mapping),
+                                            (check_paged_attention, paged_attention)],
+                         ids=lambda x: x.__name__)
+def test_hidden_cases_depend_on_the_seed(check, learner, capsys) -> None:
+    """Each instructor's seed gives its own cases (beyond the hand-picked ones both keep)."""
+    (visible, a), (_, b) = (hidden_inputs(check, learner, seed) for seed in HIDDEN_SEEDS)
+    assert a - visible and b - visible and a - visible - b and b - visible - a

@@ -4,17 +4,25 @@ running server (every validation case is sent to the real app)."""
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 
 import httpx
 import pytest
-from check_contract import contract_tests
+from check_contract import (
+    HIDDEN_SEEDS,
+    assert_hardcoding_fails_hidden,
+    assert_hidden_right_answer_passes,
+    contract_tests,
+    fingerprint,
+)
 from test_api import serve
 
 from course_lib import cost, grading
 from course_lib.grading import TASKS, check_cost, check_latency_metrics, check_request_validator
 from course_lib.grading import checks_serving as cs
+from course_lib.grading.core import Context, mix_seed
 from course_lib.models.hub import load_model
 from course_lib.serving import loadgen
 
@@ -360,6 +368,9 @@ def test_validator_reference_matches_the_server(tiny) -> None:
     rng = random.Random(3)
     bodies = [b for _, b in cs.request_cases(context, prompt_of, "tiny")]
     bodies += [cs.random_request(rng, context, prompt_of, "tiny") for _ in range(150)]
+    # the hidden cases' wider choice of values, drawn as a hidden seed draws them
+    rng = random.Random(mix_seed(803, 1))
+    bodies += [cs.random_request(rng, context, prompt_of, "tiny", wide=True) for _ in range(150)]
     statuses = set()
     with serve(tiny, num_blocks=128) as server, httpx.Client(base_url=server.url, timeout=60) as http:
         for body in bodies:
@@ -383,3 +394,130 @@ def test_char_tokens_and_cases_are_well_formed() -> None:
     labels = [label for label, _ in cs.request_cases(64, lambda n: "abcd" * n, "tiny")]
     assert len(labels) == len(set(labels))
     assert not math.isnan(cs.reference_goodput([], {"ttft": 1.0}, 1.0))
+
+
+# --- hidden cases (course-lib grade --hidden) -------------------------------------------------
+
+
+@pytest.mark.parametrize("check, learner", [(c, f) for c, fs in RIGHT.items() for f in fs],
+                         ids=lambda x: x.__name__)
+def test_hidden_right_answer_passes(check, learner, capsys) -> None:
+    if check is latency_check:
+        assert_hidden_right_answer_passes(check_latency_metrics, *learner)
+    else:
+        assert_hidden_right_answer_passes(check, learner)
+
+
+def test_hardcoded_validator_fails_hidden(capsys) -> None:
+    def accepts_everything(body, model_name, context_len, count_tokens):
+        return None
+
+    assert_hardcoding_fails_hidden(check_request_validator, validate_completion, accepts_everything)
+
+
+def test_hardcoded_cost_fails_hidden(capsys) -> None:
+    assert_hardcoding_fails_hidden(check_cost, cost_per_million_tokens, cost_per_thousand)
+
+
+#: The visible cost cases, answered: what a submission that hard-codes them would hold.
+VISIBLE_COSTS = {(hourly, tps, 1.0 if util is None else util):
+                 cs.reference_cost_per_million_tokens(hourly, tps, 1.0 if util is None else util)
+                 for _, hourly, tps, util in cs.cost_cases(Context())}
+
+
+def cost_from_a_table(gpu_hourly_usd, tokens_per_second, utilization=1.0):
+    """A dict of every visible case's answer, and a wrong formula for anything else."""
+    if tokens_per_second <= 0 or not 0 < utilization <= 1:
+        raise ValueError("impossible inputs")
+    key = (gpu_hourly_usd, tokens_per_second, utilization)
+    return VISIBLE_COSTS.get(key, gpu_hourly_usd / tokens_per_second)
+
+
+def test_cost_answers_from_a_table_fail_every_hidden_seed(capsys) -> None:
+    """The grader's "hard-coded answers" fixture: a table of the visible cases passes them, and
+    fails the hidden cases whatever the instructor's seed."""
+    assert len(VISIBLE_COSTS) == len(cs.COST_CASES) + 50
+    assert check_cost(cost_from_a_table).passed
+    for seed in [*HIDDEN_SEEDS, *range(2, 40)]:
+        result = check_cost(cost_from_a_table, raise_on_fail=False, hidden_seed=seed)
+        assert not result.passed and result.message.startswith("hidden case, random case"), seed
+
+
+def _memorize_pair(right: tuple, wrong: tuple) -> tuple:
+    """Both latency functions hard-coding the visible cases (``wrong`` on anything else)."""
+    tables: tuple[dict, dict] = ({}, {})
+
+    def record(i):
+        def fn(*args):
+            out = right[i](*args)
+            tables[i][fingerprint(args)] = copy.deepcopy(out)
+            return out
+        return fn
+
+    def replay(i):
+        def fn(*args):
+            key = fingerprint(args)
+            return copy.deepcopy(tables[i][key]) if key in tables[i] else wrong[i](*args)
+        return fn
+
+    assert check_latency_metrics(record(0), record(1), raise_on_fail=False).passed
+    memorized = replay(0), replay(1)
+    assert check_latency_metrics(*memorized, raise_on_fail=False).passed
+    return memorized
+
+
+def test_hardcoded_latency_metrics_fail_hidden(capsys) -> None:
+    latency, good = _memorize_pair((request_latency, goodput), (tpot_over_all_tokens, goodput_as_fraction))
+    for seed in HIDDEN_SEEDS:
+        result = check_latency_metrics(latency, good, raise_on_fail=False, hidden_seed=seed)
+        assert not result.passed and result.message.startswith("hidden case, request_latency, random")
+        # with a right request_latency, the memorized goodput fails on its own
+        result = check_latency_metrics(request_latency, good, raise_on_fail=False, hidden_seed=seed)
+        assert not result.passed and result.message.startswith("hidden case, goodput, random")
+
+
+def test_hidden_validator_varies_context_model_and_prompt(capsys) -> None:
+    seen: list[set] = []
+    for seed in (None, *HIDDEN_SEEDS):
+        calls = set()
+
+        def spy(body, model_name, context_len, count_tokens, calls=calls):
+            calls.add((model_name, context_len, body.get("prompt", "")[:4]))
+            return validate_completion(body, model_name, context_len, count_tokens)
+
+        assert check_request_validator(spy, hidden_seed=seed).passed
+        seen.append(calls)
+    visible = seen[0]
+    assert {(m, c) for m, c, _ in visible} == {("tiny", 64)}
+    for calls in seen[1:]:
+        assert len({(m, c) for m, c, _ in calls}) == 2  # visible pass, then the hidden one
+        assert {p for _, _, p in calls} - {p for _, _, p in visible}
+
+
+def hidden_inputs(check, learners, seed) -> tuple[set, set]:
+    """Fingerprints of the arguments ``learners`` get in the visible cases of ``check``, and in
+    its hidden cases for ``seed``."""
+    calls: list = []
+
+    def spy(fn):
+        def run(*args):
+            calls.append(fingerprint(args))
+            return fn(*args)
+        return run
+
+    assert check(*map(spy, learners)).passed
+    visible = list(calls)
+    calls.clear()
+    assert check(*map(spy, learners), hidden_seed=seed).passed
+    assert calls[:len(visible)] == visible
+    return set(visible), set(calls[len(visible):])
+
+
+@pytest.mark.parametrize("check, learners", [
+    (check_latency_metrics, (request_latency, goodput)), (check_cost, (cost_per_million_tokens,)),
+    (check_request_validator, (validate_completion,))],
+    ids=["latency_metrics", "cost", "request_validator"])
+def test_hidden_cases_depend_on_the_seed(check, learners, capsys) -> None:
+    """Each instructor's seed gives its own cases (beyond the hand-written ones)."""
+    (visible, a), (_, b) = (hidden_inputs(check, learners, seed) for seed in HIDDEN_SEEDS)
+    assert a - visible and b - visible and a - visible - b and b - visible - a

@@ -2,7 +2,9 @@
 
 Each check runs the learner's function on known answers (the source chapter's worked example
 first) and on seeded random tensors of odd shapes compared with `course_lib.quant`, and reports
-one line (see `course_lib.grading.core`). Conventions are the library's (`quant.affine`):
+one line (see `course_lib.grading.core`). With an instructor's hidden seed the random cases draw
+other shapes, sizes, bit widths and values (``ctx.pick``, ``ctx.generator``); the literal cases
+stay. Conventions are the library's (`quant.affine`):
 
 * symmetric: ``scale = max|x| / (2^(b-1) - 1)``, signed codes in ``[-(2^(b-1) - 1), 2^(b-1) - 1]``
   stored as int8;
@@ -55,6 +57,16 @@ def _label(label: str, x: torch.Tensor, bits: int) -> str:
     return f"{label}{values}, bits={bits}"
 
 
+def _dims(shape: tuple[int, ...]) -> str:
+    """'[5, 3, 8]' for labels."""
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _hidden_bits(ctx: Context, visible: list[int], seed: int, lo: int = 2, hi: int = 8) -> list[int]:
+    """``visible`` for the visible cases; bit widths in ``[lo, hi]`` drawn from the hidden seed."""
+    return visible if not ctx.hidden else [ctx.rng(seed + i).randint(lo, hi) for i in range(len(visible))]
+
+
 def _zero_value(ctx: Context, zero, want: torch.Tensor, what: str) -> torch.Tensor:
     """The learner's zero-point(s) as int64, after checking they are whole numbers."""
     zero = as_tensor(ctx, zero, what)
@@ -105,18 +117,21 @@ def check_symmetric_quantize(ctx: Context, fn) -> None:
 @check("dequantize", POINTS["dequantize"])
 def check_dequantize(ctx: Context, fn) -> None:
     """``fn(q, scale, zero) -> (q - zero) * scale`` as float32, broadcasting scale and zero."""
-    gen = torch.Generator().manual_seed(102)
+    gen = ctx.generator(102)
+    asym_shape = ctx.pick((4, 9), (3, 11), (5, 7), (6, 5), (2, 3, 6), seed=1)
+    n, n_groups, group = ctx.pick((5, 3, 8), (4, 5, 8), (6, 2, 16), (3, 4, 4), (7, 3, 8), seed=2)
+    bits = _hidden_bits(ctx, [8, 4], seed=3)
     q_sym = torch.tensor(WORKED_CODES, dtype=torch.int8)
-    q_asym, p_asym = affine.quantize(_randn(gen, 4, 9), 8, "asymmetric")
-    w = _randn(gen, 5, 24)
-    q_grp, p_grp = affine.quantize(w, 4, "asymmetric", "per_group", group_size=8)
-    q_grp3 = q_grp.reshape(5, 3, 8)
+    q_asym, p_asym = affine.quantize(_randn(gen, *asym_shape), bits[0], "asymmetric")
+    w = _randn(gen, n, n_groups * group)
+    q_grp, p_grp = affine.quantize(w, bits[1], "asymmetric", "per_group", group_size=group)
+    q_grp3 = q_grp.reshape(n, n_groups, group)
     cases = [
         ("worked example codes, scale 3.8/127, zero 0", q_sym, torch.tensor(3.8 / 127), torch.tensor(0)),
         ("uint8 codes with an int32 zero-point", q_asym, p_asym.scale, p_asym.zero_point),
         ("uint8 codes with a uint8 zero-point (uint8 - uint8 wraps around!)", q_asym, p_asym.scale,
          p_asym.zero_point.to(torch.uint8)),
-        ("per-group codes [5, 3, 8] with scale and zero [5, 3, 1]", q_grp3,
+        (f"per-group codes {_dims(q_grp3.shape)} with scale and zero {_dims((n, n_groups, 1))}", q_grp3,
          p_grp.scale[..., None], p_grp.zero_point[..., None].to(torch.uint8)),
     ]
     for label, q, scale, zero in cases:
@@ -130,16 +145,21 @@ def check_dequantize(ctx: Context, fn) -> None:
 @check("asymmetric quantize", POINTS["asymmetric_quantize"])
 def check_asymmetric_quantize(ctx: Context, fn) -> None:
     """``fn(x, bits) -> (q, scale, zero)``: per-tensor asymmetric codes (uint8), scale, zero-point."""
-    gen = torch.Generator().manual_seed(103)
+    gen = ctx.generator(103)
+    shapes = [ctx.pick((7,), (5,), (6,), (11,), seed=1),
+              ctx.pick((3, 5), (5, 3), (4, 7), (2, 9), seed=2),
+              ctx.pick((2, 3, 17), (3, 2, 13), (2, 5, 11), seed=3),
+              ctx.pick((33, 65), (31, 67), (47, 29), (65, 33), seed=4)]
+    bits = _hidden_bits(ctx, [8, 4, 3, 8], seed=5)
     cases = [
         ("worked example", torch.tensor(WORKED_EXAMPLE), 8),
         ("all positive (ReLU output)", torch.tensor([0.0, 0.3, 1.1, 2.0]), 4),
         ("all negative", torch.tensor([-3.0, -1.0]), 8),
         ("all zeros", torch.zeros(5), 8),
-        ("random (7,) bits=8", _randn(gen, 7, shift=0.5), 8),
-        ("random (3, 5) bits=4", _randn(gen, 3, 5, scale=0.1, shift=-0.05), 4),
-        ("random positive (2, 3, 17) bits=3", _randn(gen, 2, 3, 17).abs() + 0.5, 3),
-        ("random (33, 65) bits=8", _randn(gen, 33, 65, scale=0.5, shift=1.0), 8),
+        (f"random {shapes[0]} bits={bits[0]}", _randn(gen, *shapes[0], shift=0.5), bits[0]),
+        (f"random {shapes[1]} bits={bits[1]}", _randn(gen, *shapes[1], scale=0.1, shift=-0.05), bits[1]),
+        (f"random positive {shapes[2]} bits={bits[2]}", _randn(gen, *shapes[2]).abs() + 0.5, bits[2]),
+        (f"random {shapes[3]} bits={bits[3]}", _randn(gen, *shapes[3], scale=0.5, shift=1.0), bits[3]),
     ]
     for label, x, bits in cases:
         ctx.case = _label(label, x, bits)
@@ -163,19 +183,32 @@ def check_per_group_quantize(ctx: Context, fn) -> None:
 
     ``w`` is [N, K]; ``q`` is uint8 [N, K]; ``scales`` and ``zeros`` are [N, K / group_size].
     """
-    gen = torch.Generator().manual_seed(104)
-    outliers = _randn(gen, 6, 32, scale=0.02)
-    outliers[:, 5] *= 40.0  # one outlier input channel
-    dead = _randn(gen, 4, 16)
-    dead[1] = 0.0  # a dead row: its groups are all zeros
+    gen = ctx.generator(104)
+    # (rows, groups per row, group size): K = groups * group size
+    shapes = [ctx.pick((6, 4, 8), (5, 3, 8), (7, 2, 16), (4, 6, 4), seed=1),
+              ctx.pick((4, 4, 4), (3, 3, 8), (5, 2, 6), (6, 3, 4), seed=2),
+              ctx.pick((3, 1, 40), (4, 1, 24), (2, 1, 56), (5, 1, 32), seed=3),
+              ctx.pick((5, 3, 8), (4, 5, 8), (6, 2, 12), (3, 4, 6), seed=4),
+              ctx.pick((48, 2, 128), (40, 3, 64), (56, 1, 256), (32, 3, 128), seed=5),
+              ctx.pick((16, 3, 32), (12, 4, 32), (20, 2, 64), (24, 6, 16), seed=6)]
+    bits = _hidden_bits(ctx, [4, 4, 4, 3, 4, 8], seed=7)
+    (n0, g0, s0), (n1, g1, s1) = shapes[:2]
+    outliers = _randn(gen, n0, g0 * s0, scale=0.02)
+    column = ctx.pick(5, *range(g0 * s0), seed=8)
+    outliers[:, column] *= 40.0  # one outlier input channel
+    dead = _randn(gen, n1, g1 * s1)
+    dead[ctx.pick(1, *range(n1), seed=9)] = 0.0  # a dead row: its groups are all zeros
+    plain = [_randn(gen, n, g * s, **kwargs) for (n, g, s), kwargs in
+             zip(shapes[2:], [{}, {"shift": 0.3}, {"scale": 0.05}, {}], strict=True)]
+    wide = [f"{_dims(w.shape)}, group {s}" for w, (_, _, s) in zip(plain, shapes[2:], strict=True)]
     cases = [
         ("worked example twice, [2, 5], group 5", torch.tensor([WORKED_EXAMPLE, WORKED_EXAMPLE[::-1]]), 8, 5),
-        ("[6, 32] with an outlier column, group 8", outliers, 4, 8),
-        ("[4, 16] with an all-zero row, group 4", dead, 4, 4),
-        ("random [3, 40], group 40 (one group per row)", _randn(gen, 3, 40), 4, 40),
-        ("random [5, 24], group 8, 3 bits", _randn(gen, 5, 24, shift=0.3), 3, 8),
-        ("random [48, 256], group 128", _randn(gen, 48, 256, scale=0.05), 4, 128),
-        ("random [16, 96], group 32, 8 bits", _randn(gen, 16, 96), 8, 32),
+        (f"{_dims(outliers.shape)} with an outlier column, group {s0}", outliers, bits[0], s0),
+        (f"{_dims(dead.shape)} with an all-zero row, group {s1}", dead, bits[1], s1),
+        (f"random {wide[0]} (one group per row)", plain[0], bits[2], shapes[2][2]),
+        (f"random {wide[1]}, {bits[3]} bits", plain[1], bits[3], shapes[3][2]),
+        (f"random {wide[2]}", plain[2], bits[4], shapes[4][2]),
+        (f"random {wide[3]}, {bits[5]} bits", plain[3], bits[5], shapes[5][2]),
     ]
     for label, w, bits, group in cases:
         ctx.case = f"{label}, bits={bits}"
@@ -196,7 +229,11 @@ def check_per_group_quantize(ctx: Context, fn) -> None:
 @check("int4 packing", POINTS["pack_int4"])
 def check_pack_int4(ctx: Context, pack_fn, unpack_fn) -> None:
     """``pack_fn(codes [..., K] uint8) -> int32 [..., K/8]`` (code k at bits 4*(k % 8)) and back."""
-    gen = torch.Generator().manual_seed(105)
+    gen = ctx.generator(105)
+    shapes = [ctx.pick((3, 16), (2, 24), (4, 8), (5, 16), seed=1),
+              ctx.pick((2, 5, 24), (3, 2, 16), (2, 3, 32), seed=2),
+              ctx.pick((1, 8), (1, 16), (2, 8), (1, 32), seed=3),
+              ctx.pick((7, 64), (5, 72), (9, 48), (6, 80), seed=4)]
     known = [
         ("codes 0..7 -> 0x76543210", [0, 1, 2, 3, 4, 5, 6, 7], [0x76543210]),
         ("eight 15s -> all bits set (-1 as int32)", [15] * 8, [-1]),
@@ -215,7 +252,7 @@ def check_pack_int4(ctx: Context, pack_fn, unpack_fn) -> None:
         back = expect_tensor(ctx, unpack_fn(torch.tensor([words], dtype=torch.int32)), "unpacked",
                              shape=(1, len(codes)), dtype=torch.uint8)
         expect_codes(ctx, back, c)
-    for shape in [(3, 16), (2, 5, 24), (1, 8), (7, 64)]:
+    for shape in shapes:
         ctx.case = f"random codes of shape {shape}"
         codes = torch.randint(0, 16, shape, generator=gen, dtype=torch.uint8)
         want = affine.pack_int4(codes)
@@ -240,19 +277,32 @@ def check_minmax_observer(ctx: Context, cls) -> None:
 
     The range is over *every* batch observed; qparams follow `affine.qparams_from_range`.
     """
-    gen = torch.Generator().manual_seed(106)
-    spiky = _randn(gen, 3, 5)
-    spiky[1, 2] = -9.0  # the minimum is in the first batch ...
-    late = _randn(gen, 11)
-    late[4] = 7.5  # ... and the maximum in the last
-    relu = [_randn(gen, 4, 6).clamp(min=0) + 0.1, _randn(gen, 2, 3, 7).clamp(min=0) + 0.2]
+    gen = ctx.generator(106)
+    rng = ctx.rng(1)
+    shapes = [ctx.pick((3, 5), (4, 4), (2, 6), (5, 3), seed=2),
+              ctx.pick((2, 7, 4), (3, 5, 4), (2, 6, 5), seed=3),
+              ctx.pick((11,), (9,), (13,), (15,), seed=4),
+              ctx.pick((4, 6), (3, 8), (5, 5), seed=5),
+              ctx.pick((2, 3, 7), (3, 2, 5), (2, 4, 6), seed=6),
+              ctx.pick((4, 9), (3, 11), (5, 7), (6, 6), seed=7)]
+    spiky = _randn(gen, *shapes[0])
+    spiky.view(-1)[ctx.pick(7, *range(spiky.numel()), seed=8)] = ctx.pick(  # spiky[1, 2] when visible
+        -9.0, *(-rng.uniform(6.0, 12.0) for _ in range(3)), seed=9)  # the minimum is in the first batch ...
+    late = _randn(gen, *shapes[2])
+    late[ctx.pick(4, *range(late.numel()), seed=10)] = ctx.pick(
+        7.5, *(rng.uniform(6.0, 12.0) for _ in range(3)), seed=11)  # ... and the maximum in the last
+    relu = [_randn(gen, *shapes[3]).clamp(min=0) + 0.1, _randn(gen, *shapes[4]).clamp(min=0) + 0.2]
+    count = ctx.pick(20, 14, 17, 23, 26, seed=12)
+    three = ", ".join(_dims(s) for s in shapes[:3])
     cases = [
         ("one batch, the worked example", [torch.tensor(WORKED_EXAMPLE)]),
-        ("three batches [3, 5], [2, 7, 4], [11] (min in the first, max in the last)",
-         [spiky, _randn(gen, 2, 7, 4), late]),
+        (f"three batches {three} (min in the first, max in the last)",
+         [spiky, _randn(gen, *shapes[1]), late]),
         ("two all-positive batches (ReLU activations)", relu),
-        ("twenty batches of random [4, 9]", [_randn(gen, 4, 9, scale=0.3 + i / 10) for i in range(20)]),
+        (f"{'twenty' if count == 20 else count} batches of random {_dims(shapes[5])}",
+         [_randn(gen, *shapes[5], scale=0.3 + i / 10) for i in range(count)]),
     ]
+    bits = ctx.pick((8, 8, 4), (6, 8, 3), (7, 5, 2), (4, 8, 6), (8, 6, 5), seed=13)
     for label, batches in cases:
         ctx.case = label
         observer = cls()
@@ -265,10 +315,10 @@ def check_minmax_observer(ctx: Context, cls) -> None:
                       hint=" (the smallest value over all batches)")
         expect_scalar(ctx, hi, torch.tensor(xmax), "range()[1] (xmax)", rtol=1e-6,
                       hint=" (the largest value over all batches)")
-        for bits, scheme in [(8, "symmetric"), (8, "asymmetric"), (4, "asymmetric")]:
-            ctx.case = f"{label}, qparams(bits={bits}, scheme={scheme!r})"
-            scale, zero = unpack_tuple(ctx, observer.qparams(bits, scheme), 2, "scale, zero")
-            want_scale, want_zero = _reference_qparams(xmin, xmax, bits, scheme)
+        for b, scheme in zip(bits, ["symmetric", "asymmetric", "asymmetric"], strict=True):
+            ctx.case = f"{label}, qparams(bits={b}, scheme={scheme!r})"
+            scale, zero = unpack_tuple(ctx, observer.qparams(b, scheme), 2, "scale, zero")
+            want_scale, want_zero = _reference_qparams(xmin, xmax, b, scheme)
             expect_scalar(ctx, scale, want_scale, "scale")
             zero = _zero_value(ctx, zero, want_zero, "zero")
             if zero.numel() != 1 or zero.item() != want_zero.item():
@@ -297,10 +347,14 @@ def check_int8_linear(ctx: Context, cls) -> None:
     """``cls(linear)``: ``qweight`` int8 [N, K], ``scales`` [N], bias kept, forward ≈ QuantLinear."""
     from course_lib.quant.qlinear import QuantLinear
 
-    gen = torch.Generator().manual_seed(107)
-    for k, n, bias, seed in [(37, 23, True, 1), (64, 48, False, 2), (16, 5, True, 3)]:
+    gen = ctx.generator(107)
+    layers = [(*ctx.pick((37, 23), (29, 31), (41, 19), (45, 27), seed=1), True, 1),
+              (*ctx.pick((64, 48), (48, 64), (56, 40), (72, 36), seed=2), False, 2),
+              (*ctx.pick((16, 5), (12, 7), (20, 3), (9, 6), seed=3), True, 3)]
+    inputs = [ctx.pick((4,), (3,), (5,), (6,), seed=4), ctx.pick((2, 3), (3, 2), (2, 2), (1, 5), seed=5)]
+    for k, n, bias, seed in layers:
         ctx.case = f"nn.Linear({k}, {n}, bias={bias})"
-        linear = _seeded_linear(k, n, bias, seed)
+        linear = _seeded_linear(k, n, bias, ctx.seed(seed))
         original = {name: t.clone() for name, t in linear.state_dict().items()}
         layer = cls(linear)
         if not isinstance(layer, nn.Module):
@@ -321,7 +375,7 @@ def check_int8_linear(ctx: Context, cls) -> None:
             if t.numel() >= n * k:
                 ctx.fail(f"the layer still holds a float tensor {name!r} ({describe(t)}); keep only "
                          "the int8 codes, the scales and the bias")
-        for shape in [(4, k), (2, 3, k)]:
+        for shape in [(*batch, k) for batch in inputs]:
             x = _randn(gen, *shape)
             ctx.case = f"nn.Linear({k}, {n}, bias={bias}), input {shape}"
             with torch.no_grad():
@@ -340,11 +394,15 @@ def check_conv1d_to_linear(ctx: Context, fn) -> None:
     """``fn(conv1d) -> nn.Linear`` computing the same function (HF Conv1D stores weight [in, out])."""
     from transformers.pytorch_utils import Conv1D
 
-    gen = torch.Generator().manual_seed(108)
-    for k, n in [(12, 20), (16, 16), (7, 3)]:
+    gen = ctx.generator(108)
+    sizes = [ctx.pick((12, 20), (10, 24), (14, 18), (9, 22), seed=1),
+             ctx.pick((16, 16), (20, 20), (12, 12), (24, 24), seed=2),
+             ctx.pick((7, 3), (5, 4), (9, 2), (6, 5), seed=3)]
+    batch = ctx.pick((2, 4), (3, 3), (2, 5), (1, 6), seed=4)
+    for k, n in sizes:
         ctx.case = f"Conv1D(nf={n}, nx={k}) (in {k}, out {n}, weight [{k}, {n}])"
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(k * 100 + n)
+            torch.manual_seed(ctx.seed(k * 100 + n))
             conv = Conv1D(n, k)
             with torch.no_grad():
                 conv.weight.normal_()
@@ -361,7 +419,7 @@ def check_conv1d_to_linear(ctx: Context, fn) -> None:
             ctx.fail("the Linear has no bias; copy the Conv1D's bias")
         if not torch.equal(conv.weight.detach(), original):
             ctx.fail("the Conv1D's weight was changed; copy it instead")
-        x = _randn(gen, 2, 4, k)
+        x = _randn(gen, *batch, k)
         with torch.no_grad():
             got = expect_tensor(ctx, linear(x), "Linear output")
             want = conv(x)

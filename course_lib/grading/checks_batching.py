@@ -28,7 +28,8 @@ from course_lib.serving.engine import StepRecord
 
 POINTS = {"schedule_step": 3, "request_metrics": 2}
 
-#: Random scheduler states per check (seeded: every run checks the same ones).
+#: Random scheduler states per check (seeded: every run checks the same ones; the hidden cases
+#: draw as many others, sizes and budgets included, from the instructor's seed).
 RANDOM_STATES = 300
 
 
@@ -199,12 +200,13 @@ def check_schedule_step(ctx: Context, fn) -> None:
     returns ``[(request_id, tokens)]``, as :func:`reference_schedule_step` (keyword arguments).
 
     Checked on fixed cases, each about one rule, then on :data:`RANDOM_STATES` seeded random
-    states, where the answer must also respect the budgets (tokens, sequences, blocks).
+    states, where the answer must also respect the budgets (tokens, sequences, blocks). The
+    hidden cases are the same fixed cases and as many other random states.
     """
     for label, kwargs in SCHEDULE_CASES:
         ctx.case = f"{label} ({_describe_state(kwargs)})"
         _compare_schedule(ctx, fn, kwargs)
-    rng = random.Random(501)
+    rng = ctx.rng(501)  # hidden mode: other states, of other sizes and budgets
     for i in range(RANDOM_STATES):
         kwargs = random_schedule_state(rng)
         ctx.case = f"random state {i} ({_describe_state(kwargs)})"
@@ -341,12 +343,13 @@ def check_request_metrics(ctx: Context, fn) -> None:
     ``steps``: :class:`~course_lib.serving.engine.StepRecord` objects (``start``, ``end``,
     ``scheduled = [(request_id, tokens)]``); ``arrival_times`` and ``prompt_lens`` map request
     ids to seconds and prompt tokens. Checked on fixed cases, then on seeded simulated runs of
-    a scheduler, against :func:`reference_request_metrics`.
+    a scheduler, against :func:`reference_request_metrics`. The hidden cases are the same fixed
+    cases and other simulated runs (other requests, budgets and step times).
     """
     for label, steps, arrivals, prompt_lens in _metric_cases():
         ctx.case = label
         _compare_metrics(ctx, fn, steps, arrivals, prompt_lens)
-    rng = random.Random(502)
+    rng = ctx.rng(502)  # hidden mode: other runs, with other numbers of requests and budgets
     for i in range(20):
         requests = {f"q{j}": (rng.randint(1, 60), rng.randint(1, 12), rng.uniform(0.0, 0.5))
                     for j in range(rng.randint(1, 10))}

@@ -12,9 +12,16 @@ channels, like a transformer layer's, and the answer is compared with `course_li
   ``i = 0 .. 19``, ``s = mean|x| ** ratio`` normalised so that ``sqrt(s.max() * s.min()) == 1``,
   the quantizer is asymmetric min-max per group (as ``QuantLinear`` stores int4/int3), and the
   error is the mean squared difference of the layer's outputs ``x Wᵀ`` on the inputs given.
+
+The hidden cases (``hidden_seed``) keep the fixed cases and draw the random ones, sizes
+included, from the instructor's seed: other batch sizes and widths for the Hessian, other layer
+sizes, bits, salient channels and step column for GPTQ, other layer sizes, groups, bits and
+salient channels for AWQ (redrawn until the best ratio wins clearly).
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.nn as nn
@@ -55,20 +62,43 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
 # --- exercise 1: the Hessian of a layer's output error ---------------------------------------
 
 
-def _hessian_cases(gen: torch.Generator) -> list[tuple[str, list[torch.Tensor], int]]:
+def _hessian_cases(ctx: Context) -> list[tuple[str, list[torch.Tensor], int]]:
+    """The cases, drawn in one fixed order from seed 301 (hidden mode: other sizes too)."""
+    gen = ctx.generator(301)
     known = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
-    dead = layer_inputs(gen, 30, 9)
-    dead[:, 4] = 0.0  # an input channel that is always 0 (a "dead" column for GPTQ)
-    wide = layer_inputs(gen, 120, 40, salient=2)
+    # batches of different sizes, one of a single token
+    t1 = ctx.pick((8, 1, 3), (6, 1, 4), (9, 1, 2), (7, 1, 5), (5, 2, 9), seed=11)
+    k1 = ctx.pick(5, 4, 6, 7, seed=12)
+    # 3-D batches (batch, sequence, features)
+    b2 = ctx.pick(((2, 7), (1, 3)), ((3, 5), (1, 4)), ((2, 6), (2, 2)), ((4, 3), (1, 5)), seed=13)
+    k2 = ctx.pick(6, 5, 7, 8, seed=14)
+    # a dead input channel
+    k3 = ctx.pick(9, 7, 8, 10, 11, seed=15)
+    split3 = ctx.pick((10, 20), (12, 18), (7, 23), (16, 9), seed=16)
+    col3 = ctx.pick(4, *range(k3), seed=17)
+    # a wider layer with salient channels
+    k4 = ctx.pick(40, 32, 36, 44, 48, seed=18)
+    split4 = ctx.pick((64, 8, 40, 8), (48, 16, 40, 24), (64, 24, 8, 32), (40, 40, 16, 32), seed=19)
+    salient4 = ctx.pick(2, 1, 3, 4, seed=20)
+
+    # drawn in this order (the visible cases' values depend on it)
+    dead = layer_inputs(gen, sum(split3), k3)
+    dead[:, col3] = 0.0  # an input channel that is always 0 (a "dead" column for GPTQ)
+    wide = layer_inputs(gen, sum(split4), k4, salient=salient4)
+    batches1 = [layer_inputs(gen, t, k1) for t in t1]
+    batches2 = [layer_inputs(gen, b * t, k2).reshape(b, t, k2) for b, t in b2]
+    ends4 = list(itertools.accumulate(split4))
+    shapes1 = ", ".join(f"[{t}, {k1}]" for t in t1)
+    shapes2 = " and ".join(f"[{b}, {t}, {k2}]" for b, t in b2)
     return [
         ("one batch [[1, 0], [0, 2], [1, 1]] (H = 2/3 Σ x xᵀ = [[4/3, 2/3], [2/3, 10/3]])", [known], 2),
-        ("batches of 8, 1 and 3 tokens ([8, 5], [1, 5], [3, 5])",
-         [layer_inputs(gen, 8, 5), layer_inputs(gen, 1, 5), layer_inputs(gen, 3, 5)], 5),
-        ("3-D batches [2, 7, 6] and [1, 3, 6] (batch, sequence, features)",
-         [layer_inputs(gen, 14, 6).reshape(2, 7, 6), layer_inputs(gen, 3, 6).reshape(1, 3, 6)], 6),
-        ("one channel always 0, batches of 10 and 20 tokens", [dead[:10], dead[10:]], 9),
-        ("[120, 40] with salient channels, in batches of 64, 8, 40 and 8 tokens",
-         [wide[:64], wide[64:72], wide[72:112], wide[112:]], 40),
+        (f"batches of {t1[0]}, {t1[1]} and {t1[2]} tokens ({shapes1})", batches1, k1),
+        (f"3-D batches {shapes2} (batch, sequence, features)", batches2, k2),
+        (f"one channel always 0, batches of {split3[0]} and {split3[1]} tokens",
+         [dead[:split3[0]], dead[split3[0]:]], k3),
+        (f"[{sum(split4)}, {k4}] with salient channels, in batches of {split4[0]}, {split4[1]}, "
+         f"{split4[2]} and {split4[3]} tokens",
+         [wide[a - n:a] for a, n in zip(ends4, split4, strict=True)], k4),
     ]
 
 
@@ -82,8 +112,7 @@ def check_accumulate_hessian(ctx: Context, fn) -> None:
 
     Each batch is a float tensor [..., in_features]; every leading dimension counts as tokens.
     """
-    gen = torch.Generator().manual_seed(301)
-    for label, batches, k in _hessian_cases(gen):
+    for label, batches, k in _hessian_cases(ctx):
         ctx.case = label
         acc = HessianAccumulator(k)
         for b in batches:
@@ -127,6 +156,23 @@ def gptq_layer(n: int, k: int, salient: int, seed: int) -> tuple[torch.Tensor, t
     return w, hessian(x).float()
 
 
+def _near(value: int, least: int) -> range:
+    """Sizes within ±25% of ``value``, none below ``least`` (hidden cases' shapes)."""
+    return range(max(least, value * 3 // 4), value * 5 // 4 + 1)
+
+
+def _gptq_case(ctx: Context, c: int, case: tuple) -> tuple[int, int, int, str, int]:
+    """``GPTQ_CASES[c]``; in hidden mode a layer of about the same size (N within ±25%, K too,
+    at least 3 columns), one bit more or less (2 to 5) and a different number of salient
+    channels, with the same scheme."""
+    n, k, bits, scheme, salient = case
+    return (ctx.pick(n, *_near(n, 2), seed=10 * c),
+            ctx.pick(k, *_near(k, 3), seed=10 * c + 1),
+            ctx.pick(bits, *range(max(2, bits - 1), min(5, bits + 1) + 1), seed=10 * c + 2),
+            scheme,
+            ctx.pick(salient, *range(max(0, salient - 1), salient + 3), seed=10 * c + 3))
+
+
 def reference_column_step(W: torch.Tensor, U: torch.Tensor, i: int, scale: torch.Tensor,
                           zero: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The library's step (`course_lib.quant.gptq`): quantize column i, feed its error forward."""
@@ -149,16 +195,17 @@ def check_gptq_column_step(ctx: Context, fn) -> None:
     ``err = (w - q) / U[i, i]`` fed back: ``W[:, i:] -= err ⊗ U[i, i:]``. Run for i = 0 .. K-1
     it must give `gptq_quantize_weight(..., block_size=1)`.
     """
-    for c, (n, k, bits, scheme, salient) in enumerate(GPTQ_CASES):
-        W, H = gptq_layer(n, k, salient, seed=310 + c)
+    for c, case in enumerate(GPTQ_CASES):
+        n, k, bits, scheme, salient = _gptq_case(ctx, c, case)
+        W, H = gptq_layer(n, k, salient, seed=ctx.seed(310 + c))
         U, _ = inverse_hessian_factor(H)
         params = compute_qparams(W, bits, scheme, "per_channel", axis=0)
         scale, zero = params.scale, params.zero_point.float()
         qmin, qmax = qrange(bits, scheme)
         where = f"W [{n}, {k}], {bits}-bit {scheme} per channel"
 
-        # one step in the middle of the loop, compared with the formula
-        i = k // 2
+        # one step in the middle of the loop, compared with the formula (some columns after it)
+        i = ctx.pick(k // 2, *range(1, k - 1), seed=10 * c + 5)
         ctx.case = f"{where}, one step at column i={i}"
         W_mid = W.clone()
         W_mid[:, i:] += 0.01 * torch.arange(k - i).float()  # as if earlier steps had updated it
@@ -217,6 +264,35 @@ def reference_search(weight: torch.Tensor, x: torch.Tensor, bits: int,
                         "asymmetric", n_grid=N_GRID)
 
 
+def clear_best_ratio(errors: list[float], ratio: float) -> bool:
+    """The best ratio is not 0 (plain RTN) and wins by a margin no float reordering can flip."""
+    best, second = sorted(errors)[:2]
+    return ratio > 0 and second > best * (1 + 1e-3)
+
+
+def _awq_case(ctx: Context, c: int, case: tuple):
+    """``(case, weight, x, reference_search(...))`` for ``AWQ_CASES[c]``.
+
+    In hidden mode the sizes are drawn too (out 12..40, a group of 16, 32 or 64, in a multiple
+    of it up to 128, 64..256 tokens, 3 or 4 bits, 1..5 salient channels), and a layer whose best
+    ratio is 0 or does not win clearly (:func:`clear_best_ratio`) is drawn again, so that a right
+    answer computed in another float order cannot pick another ratio."""
+    n, k, tokens, bits, group, salient = case
+    n = ctx.pick(n, *range(12, 41, 4), seed=100 * c)
+    group = ctx.pick(group, 16, 32, 64, seed=100 * c + 1)
+    k = ctx.pick(k, *range(2 * group, 129, group), seed=100 * c + 2)
+    tokens = ctx.pick(tokens, *range(64, 257, 32), seed=100 * c + 3)
+    bits = ctx.pick(bits, 3, 4, seed=100 * c + 4)
+    salient = ctx.pick(salient, 1, 2, 3, 4, 5, seed=100 * c + 5)
+    case = (n, k, tokens, bits, group, salient)
+    for attempt in range(20 if ctx.hidden else 1):
+        weight, x = awq_layer(n, k, tokens, salient, seed=ctx.seed(320 + c + 1000 * attempt))
+        reference = reference_search(weight, x, bits, group)
+        if clear_best_ratio(reference[2], reference[1]):
+            break
+    return case, weight, x, reference
+
+
 def _ratio_value(ctx: Context, value) -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
@@ -237,9 +313,9 @@ def check_awq_scale_search(ctx: Context, fn) -> None:
     asymmetric min-max quantizer per group of ``group_size`` inputs. Return the ratio with the
     smallest mean squared output error (the first one on a tie) and its scales [in].
     """
-    for c, (n, k, tokens, bits, group, salient) in enumerate(AWQ_CASES):
-        weight, x = awq_layer(n, k, tokens, salient, seed=320 + c)
-        want_s, want_ratio, errors = reference_search(weight, x, bits, group)
+    for c, case in enumerate(AWQ_CASES):
+        (n, k, tokens, bits, group, salient), weight, x, (want_s, want_ratio, errors) = \
+            _awq_case(ctx, c, case)
         ctx.case = f"W [{n}, {k}], x [{tokens}, {k}] with {salient} salient channels, {bits}-bit, group {group}"
         out = unpack_tuple(ctx, fn(weight.clone(), x.clone(), bits, group), 2, "ratio, scales")
         ratio = _ratio_value(ctx, out[0])

@@ -6,12 +6,17 @@
   the number of block tables holding it, the free list holds exactly the blocks nobody holds
   (each once), tables have ``ceil(tokens / block_size)`` blocks, and a token is never written
   into a block another sequence still reads (a simulated cache checks each sequence's contents).
+  In hidden mode (``hidden_seed``) the interleavings, and the pool sizes and block sizes they
+  run on, come from the instructor's seed.
 * The slot mapping is compared with :func:`course_lib.models.paged.slot_mapping` on random
   block tables.
 * Paged attention for one sequence is compared with the torch twin of the decode kernel,
   :func:`course_lib.kernels.paged_attention.paged_decode_attention_reference`, on random
   ragged cases whose block tables are shuffled and padded with ``-1`` (and whose unused cache
   slots hold garbage, so reading past the context shows).
+
+Hidden cases draw the random block tables, shapes, contexts and values from the instructor's
+seed; the hand-picked cases stay as they are.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ POINTS = {"block_allocator": 3, "slot_mapping": 2, "paged_attention": 3}
 
 #: Random operations per interleaving, and interleavings (each with its own seed).
 RANDOM_OPS, RANDOM_RUNS = 300, 6
+#: (num_blocks, block_size) of the visible random runs; hidden runs draw their own.
+RUN_SHAPES = [(12, 2), (16, 4), (24, 4), (10, 8)]
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -259,8 +266,12 @@ def _fixed_cases(ctx: Context, cls) -> None:
 
 
 def _random_run(ctx: Context, cls, seed: int) -> None:
-    rng = random.Random(seed)
-    num_blocks, block_size = rng.choice([(12, 2), (16, 4), (24, 4), (10, 8)])
+    rng = ctx.rng(seed)
+    num_blocks, block_size = rng.choice(RUN_SHAPES)
+    if ctx.hidden:  # a pool and block size of the instructor's seed, often none of the above
+        block_size = rng.choice([1, 2, 3, 4, 5, 6, 8])
+        num_blocks = rng.randint(max(4, 24 // block_size), min(30, max(8, 96 // block_size)))
+    where = f"hidden run {seed - 600}" if ctx.hidden else f"seed {seed}"
     alloc, model = _make(ctx, cls, num_blocks, block_size), _Model(num_blocks, block_size)
     next_id, log = 0, []
     for _ in range(RANDOM_OPS):
@@ -272,7 +283,7 @@ def _random_run(ctx: Context, cls, seed: int) -> None:
             n = rng.randint(1, 3 * block_size)
             call = f"allocate({next_id}, {n})"
             log.append(call)
-            ctx.case = f"random run (seed {seed}, {num_blocks} blocks of {block_size}): ... " \
+            ctx.case = f"random run ({where}, {num_blocks} blocks of {block_size}): ... " \
                        f"{'; '.join(log[-6:])}"
             if _cdiv(n, block_size) > free:
                 _expect_memory_error(ctx, alloc, model, call,
@@ -284,7 +295,7 @@ def _random_run(ctx: Context, cls, seed: int) -> None:
             seq = rng.choice(live)
             call = f"append({seq})"
             log.append(call)
-            ctx.case = f"random run (seed {seed}, {num_blocks} blocks of {block_size}): ... " \
+            ctx.case = f"random run ({where}, {num_blocks} blocks of {block_size}): ... " \
                        f"{'; '.join(log[-6:])}"
             if model.blocks_needed_to_append(alloc, seq) > free:
                 _expect_memory_error(ctx, alloc, model, call, lambda seq=seq: alloc.append(seq))
@@ -293,20 +304,20 @@ def _random_run(ctx: Context, cls, seed: int) -> None:
         elif op == "fork":
             parent = rng.choice(live)
             log.append(f"fork({parent}, {next_id})")
-            ctx.case = f"random run (seed {seed}, {num_blocks} blocks of {block_size}): ... " \
+            ctx.case = f"random run ({where}, {num_blocks} blocks of {block_size}): ... " \
                        f"{'; '.join(log[-6:])}"
             _do_fork(alloc, model, parent, next_id)
             next_id += 1
         else:
             seq = rng.choice(live)
             log.append(f"free({seq})")
-            ctx.case = f"random run (seed {seed}, {num_blocks} blocks of {block_size}): ... " \
+            ctx.case = f"random run ({where}, {num_blocks} blocks of {block_size}): ... " \
                        f"{'; '.join(log[-6:])}"
             _do_free(alloc, model, seq)
         _check_state(ctx, alloc, model, log[-1])
     for seq in sorted(model.tokens):
         _do_free(alloc, model, seq)
-    ctx.case = f"random run (seed {seed}): every sequence freed at the end"
+    ctx.case = f"random run ({where}): every sequence freed at the end"
     _check_state(ctx, alloc, model, "freeing everything")
     if len(set(_free_list(ctx, alloc))) != num_blocks:
         ctx.fail(f"all {num_blocks} blocks must be free at the end")
@@ -331,15 +342,18 @@ def check_block_allocator(ctx: Context, cls) -> None:
 # --- exercise (b): the slot mapping -----------------------------------------------------------
 
 
-def _slot_cases(seed: int = 610) -> list[tuple[list[int], int, int, int]]:
-    """(block_table, start, num_tokens, block_size): hand-picked edges, then random ones."""
+def _slot_cases(ctx: Context, seed: int = 610) -> list[tuple[list[int], int, int, int]]:
+    """(block_table, start, num_tokens, block_size): hand-picked edges, then random ones (of the
+    instructor's seed in hidden mode, with other block sizes and pool sizes too)."""
     cases = [([7], 0, 1, 16), ([3, 0, 5], 0, 9, 4), ([3, 0, 5], 4, 1, 4), ([3, 0, 5], 3, 2, 4),
              ([2, 9], 15, 2, 16), ([4, 1, 6, 2], 11, 5, 4), ([0, 1, 2], 0, 3, 1)]
-    gen = random.Random(seed)
-    for _ in range(40):
-        bs = gen.choice([1, 2, 4, 8, 16, 32])
+    gen = ctx.rng(seed)
+    block_sizes = ctx.pick([1, 2, 4, 8, 16, 32], [1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32], seed=611)
+    num_blocks = ctx.pick(64, 40, 50, 80, 100, 128, seed=612)
+    for _ in range(ctx.pick(40, 36, 44, 48, seed=613)):
+        bs = gen.choice(block_sizes)
         length = gen.randint(1, 6 * bs)
-        table = gen.sample(range(64), _cdiv(length, bs) + gen.randint(0, 2))
+        table = gen.sample(range(num_blocks), _cdiv(length, bs) + gen.randint(0, 2))
         start = gen.randint(0, length - 1)
         cases.append((table, start, gen.randint(1, length - start), bs))
     return cases
@@ -350,7 +364,7 @@ def check_slot_mapping(ctx: Context, fn) -> None:
     """``fn(block_table, start, num_tokens, block_size) -> slots``: the cache slot of positions
     ``start .. start + num_tokens - 1``, ``block_table[p // block_size] * block_size +
     p % block_size``, as a list of ints (or a 1-D integer tensor)."""
-    for table, start, n, bs in _slot_cases():
+    for table, start, n, bs in _slot_cases(ctx):
         ctx.case = f"block_table={table}, start={start}, num_tokens={n}, block_size={bs}"
         want = reference_slot_mapping(table, start, n, bs)
         got = fn(list(table), start, n, bs)
@@ -375,13 +389,28 @@ def check_slot_mapping(ctx: Context, fn) -> None:
 # --- exercise (c): paged attention for one sequence -------------------------------------------
 
 
-def _attention_cases(seed: int = 620):
+#: (block_size, H, D, num_blocks, context_len) of the visible cases.
+ATTENTION_SHAPES = [(1, 1, 4, 8, 1), (2, 2, 4, 8, 8), (4, 3, 16, 16, 17), (8, 2, 8, 32, 64),
+                    (16, 4, 16, 64, 100), (1, 2, 1, 24, 5), (4, 1, 2, 20, 13), (32, 2, 4, 16, 31)]
+
+
+def _hidden_attention_shape(rng: random.Random) -> tuple[int, int, int, int, int]:
+    """A shape of the same kind and size as :data:`ATTENTION_SHAPES`, drawn from ``rng``."""
+    block_size = rng.choice([1, 2, 3, 4, 5, 8, 12, 16, 32])
+    L = rng.randint(1, min(100, 24 * block_size))
+    num_blocks = _cdiv(L, block_size) + rng.randint(1, 12)  # always blocks nobody uses
+    return block_size, rng.randint(1, 4), rng.choice([1, 2, 3, 4, 6, 8, 16]), num_blocks, L
+
+
+def _attention_cases(ctx: Context, seed: int = 620):
     """(label, q [H, D], k_cache, v_cache, block table row padded with -1, context_len)."""
-    gen = torch.Generator().manual_seed(seed)
-    rng = random.Random(seed)
+    gen = ctx.generator(seed)
+    rng = ctx.rng(seed)
     cases = []
-    shapes = [(1, 1, 4, 8, 1), (2, 2, 4, 8, 8), (4, 3, 16, 16, 17), (8, 2, 8, 32, 64),
-              (16, 4, 16, 64, 100), (1, 2, 1, 24, 5), (4, 1, 2, 20, 13), (32, 2, 4, 16, 31)]
+    shapes = ATTENTION_SHAPES
+    if ctx.hidden:
+        shape_rng = ctx.rng(seed + 1)
+        shapes = [_hidden_attention_shape(shape_rng) for _ in ATTENTION_SHAPES]
     for block_size, H, D, num_blocks, L in shapes:
         used = _cdiv(L, block_size)
         row = rng.sample(range(num_blocks), used) + [-1] * rng.randint(1, 3)
@@ -402,7 +431,7 @@ def check_paged_attention(ctx: Context, fn) -> None:
     ``ceil(context_len / block_size)`` are padding (-1); out [H, D] =
     softmax(q . K^T / sqrt(D)) V over the context_len gathered keys and values. Compared with
     :func:`paged_decode_attention_reference`."""
-    for label, q, k_cache, v_cache, row, L in _attention_cases():
+    for label, q, k_cache, v_cache, row, L in _attention_cases(ctx):
         ctx.case = label
         table = torch.tensor([row], dtype=torch.int32)
         want = paged_decode_attention_reference(q[None], k_cache, v_cache, table,

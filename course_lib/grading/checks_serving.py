@@ -11,6 +11,11 @@ tests compare them with the library (and the request validator with the running 
   :func:`course_lib.cost.cost_per_million_tokens`;
 * **request validation** (:func:`reference_validate_completion`): the status code and the
   ``param`` of the error the course's server answers to a ``/v1/completions`` body.
+
+Hidden cases (``hidden_seed``) keep the hand-written cases and draw every random one from the
+instructor's seed, with other sizes and ranges too: more or fewer token times and requests,
+other prices and throughputs, and for the validator another context length, model name and
+prompt text, and a wider choice of field values.
 """
 
 from __future__ import annotations
@@ -92,10 +97,10 @@ GOODPUT_CASES = [
 ]
 
 
-def random_latency_case(rng: random.Random) -> tuple:
+def random_latency_case(rng: random.Random, max_times: int = 12) -> tuple:
     start = rng.uniform(0, 100)
     times, t = [], start
-    for _ in range(rng.randint(1, 12)):
+    for _ in range(rng.randint(1, max_times)):
         t += rng.expovariate(10)
         times.append(t)
     end = t + rng.choice([0.0, rng.uniform(0, 0.1)])
@@ -103,9 +108,9 @@ def random_latency_case(rng: random.Random) -> tuple:
     return start, times, end, output_tokens
 
 
-def random_goodput_case(rng: random.Random) -> tuple:
+def random_goodput_case(rng: random.Random, max_requests: int = 20) -> tuple:
     requests = []
-    for _ in range(rng.randint(0, 20)):
+    for _ in range(rng.randint(0, max_requests)):
         if rng.random() < 0.15:
             requests.append({"success": False, "ttft": None, "tpot": None, "e2e": rng.random()})
             continue
@@ -188,9 +193,11 @@ def check_latency_metrics(ctx: Context, request_latency, goodput) -> None:
         ctx.case = f"request_latency, {label} (start={start}, token_times={times}, end={end}, " \
                    f"output_tokens={n})"
         _compare_latency(ctx, request_latency, start, times, end, n)
-    rng = random.Random(801)
+    rng = ctx.rng(801)
+    max_times = ctx.pick(12, 6, 9, 16, 24, seed=811)
+    max_requests = ctx.pick(20, 10, 15, 30, seed=812)
     for i in range(RANDOM_CASES):
-        start, times, end, n = random_latency_case(rng)
+        start, times, end, n = random_latency_case(rng, max_times)
         ctx.case = f"request_latency, random case {i} (start={start:.4f}, {len(times)} token " \
                    f"times, end={end:.4f}, output_tokens={n})"
         _compare_latency(ctx, request_latency, start, times, end, n)
@@ -198,7 +205,7 @@ def check_latency_metrics(ctx: Context, request_latency, goodput) -> None:
         ctx.case = f"goodput, {label} (slos={slos}, duration={duration}, {len(requests)} requests)"
         _compare_goodput(ctx, goodput, requests, slos, duration)
     for i in range(RANDOM_CASES):
-        requests, slos, duration = random_goodput_case(rng)
+        requests, slos, duration = random_goodput_case(rng, max_requests)
         ctx.case = f"goodput, random case {i} ({len(requests)} requests, slos={slos})"
         _compare_goodput(ctx, goodput, requests, slos, duration)
 
@@ -240,6 +247,18 @@ COST_ERRORS = [
 ]
 
 
+def cost_cases(ctx: Context) -> list[tuple[str, float, float, float | None]]:
+    """:data:`COST_CASES`, then random ones: (label, hourly, tokens/s, utilization or None).
+    ``cost_cases(Context())`` lists the visible cases; hidden ones draw their values, ranges and
+    count from the instructor's seed."""
+    rng = ctx.rng(802)
+    hourly_max = ctx.pick(10, 4, 20, 40, seed=804)
+    tps_max = ctx.pick(5000, 2000, 10000, 20000, seed=805)
+    return list(COST_CASES) + [(f"random case {i}", round(rng.uniform(0.1, hourly_max), 2),
+                                rng.uniform(1, tps_max), rng.choice([None, rng.uniform(0.05, 1)]))
+                               for i in range(ctx.pick(50, 40, 45, 55, 60, seed=806))]
+
+
 def _hint_cost(got: float, hourly: float, tps: float, util: float) -> str:
     base = hourly / (tps * 3600) * 1e6
     if _close(got, base * util):
@@ -255,11 +274,7 @@ def _hint_cost(got: float, hourly: float, tps: float, util: float) -> str:
 def check_cost(ctx: Context, fn) -> None:
     """``fn(gpu_hourly_usd, tokens_per_second, utilization=1.0)`` as
     :func:`reference_cost_per_million_tokens`, and ValueError on impossible inputs."""
-    rng = random.Random(802)
-    cases = list(COST_CASES) + [(f"random case {i}", round(rng.uniform(0.1, 10), 2),
-                                 rng.uniform(1, 5000), rng.choice([None, rng.uniform(0.05, 1)]))
-                                for i in range(50)]
-    for label, hourly, tps, util in cases:
+    for label, hourly, tps, util in cost_cases(ctx):
         args = (hourly, tps) if util is None else (hourly, tps, util)
         ctx.case = f"{label} (gpu_hourly_usd={hourly}, tokens_per_second={tps:g}" + \
                    ("" if util is None else f", utilization={util:g}") + ")"
@@ -411,26 +426,39 @@ def request_cases(context: int, prompt_of: Callable[[int], str], model: str) -> 
 
 
 def random_request(rng: random.Random, context: int, prompt_of: Callable[[int], str],
-                   model: str) -> dict:
-    """A body with each field valid, invalid or absent at random (often two problems)."""
+                   model: str, wide: bool = False) -> dict:
+    """A body with each field valid, invalid or absent at random (often two problems).
+
+    ``wide`` (the hidden cases) adds values of each field the visible cases never send, and
+    sometimes a field the server ignores; without it the draws are exactly the visible ones."""
+    def more(*values) -> list:  # arguments that draw from rng must not be passed here
+        return list(values) if wide else []
+
     body: dict = {}
     pick = rng.random
     if pick() < 0.5:
-        body["model"] = rng.choice([model, model, "other-model", None])
+        body["model"] = rng.choice([model, model, "other-model", None, *more(model + "-v2")])
     if pick() < 0.92:
         body["prompt"] = rng.choice(["", prompt_of(rng.randint(1, 12)),
-                                     prompt_of(rng.randint(context - 20, context + 3))])
+                                     prompt_of(rng.randint(context - 20, context + 3)),
+                                     *([prompt_of(rng.randint(13, context - 21))] if wide else [])])
     if pick() < 0.7:
         body["max_tokens"] = rng.choice([None, 0, -1, 1, 2, 8, 16, 24, 1.5, True, "3",
-                                         rng.randint(1, context)])
+                                         rng.randint(1, context),
+                                         *more(3, 5, 32, -7, 2.0, False),
+                                         *([rng.randint(1, 30)] if wide else [])])
     if pick() < 0.4:
-        body["temperature"] = rng.choice([0, 0.5, 1, 2, 2.01, -1, None])
+        body["temperature"] = rng.choice([0, 0.5, 1, 2, 2.01, -1, None,
+                                          *more(0.01, 1.5, 1.99, 3, -0.5, "0.5")])
     if pick() < 0.3:
-        body["top_p"] = rng.choice([0, 0.1, 1, 1.01, None])
+        body["top_p"] = rng.choice([0, 0.1, 1, 1.01, None, *more(0.5, 0.999, 1.5, -0.1)])
     if pick() < 0.3:
-        body["n"] = rng.choice([0, 1, 3, 16, 17, True])
+        body["n"] = rng.choice([0, 1, 3, 16, 17, True, *more(2, 8, 15, -1, 2.0)])
     if pick() < 0.3:
-        body["stop"] = rng.choice([None, "\n", [], ["a"], list("abcd"), list("abcde")])
+        body["stop"] = rng.choice([None, "\n", [], ["a"], list("abcd"), list("abcde"),
+                                   *more("###", ["x", "y"], list("abc"), list("abcdef"))])
+    if wide and pick() < 0.15:
+        body["user"] = "learner-" + str(rng.randint(1, 99))  # the server ignores unknown fields
     return body
 
 
@@ -483,17 +511,19 @@ def _compare_validation(ctx: Context, fn, body: dict, model: str, context: int, 
 def check_request_validator(ctx: Context, fn) -> None:
     """``fn(body, model_name, context_len, count_tokens)`` -> None or (status, error body), the
     status, ``param`` and ``type`` as :func:`reference_validate_completion`."""
-    model, context = "tiny", 64
+    model = ctx.pick("tiny", "tiny-gpt", "course-lm", "gpt2-small", "tiny-chat", seed=813)
+    context = ctx.pick(64, 40, 48, 56, 72, 80, 96, 128, seed=814)
+    word = ctx.pick("abcd", "wxyz", "the ", "tok ", "0123", "ab c", seed=815)  # 4 chars: 1 token
 
     def prompt_of(n: int) -> str:
-        return "abcd" * n
+        return word * n
 
     for label, body in request_cases(context, prompt_of, model):
         ctx.case = f"{label} (body with {_body_summary(body)}; context {context} tokens)"
         _compare_validation(ctx, fn, body, model, context, char_tokens)
-    rng = random.Random(803)
+    rng = ctx.rng(803)
     for i in range(RANDOM_CASES):
-        body = random_request(rng, context, prompt_of, model)
+        body = random_request(rng, context, prompt_of, model, wide=ctx.hidden)
         ctx.case = f"random body {i} ({_body_summary(body)}; context {context} tokens)"
         _compare_validation(ctx, fn, body, model, context, char_tokens)
 

@@ -51,6 +51,17 @@ ATTENTION_CASES = [
 ]
 
 
+def attention_cases(ctx: Context) -> list[tuple[int, int, int, list[int]]]:
+    """:data:`ATTENTION_CASES`, or in hidden mode cases of the same structure (a call of one
+    token stays one token, a call of several becomes 2 .. 9) with other B, H, D and lengths."""
+    if not ctx.hidden:
+        return ATTENTION_CASES
+    rng = ctx.rng(404)
+    return [(rng.randint(1, 3), rng.randint(1, 4), rng.randint(3, 16),
+             [1 if n == 1 else rng.randint(2, 9) for n in chunks])
+            for _, _, _, chunks in ATTENTION_CASES]
+
+
 def _chunks_label(chunks: list[int]) -> str:
     return "then ".join(f"{n} token{'s' if n > 1 else ''} " for n in chunks).strip()
 
@@ -64,8 +75,8 @@ def check_cached_attention(ctx: Context, fn) -> None:
     softmax attention (scale 1/sqrt(D)): new token i sees keys 0 .. S+i. The returned caches
     are [B, H, S+T, D]: the old ones with the new keys / values appended along dim 2.
     """
-    gen = torch.Generator().manual_seed(401)
-    for b, h, d, chunks in ATTENTION_CASES:
+    gen = ctx.generator(401)
+    for b, h, d, chunks in attention_cases(ctx):
         length = sum(chunks)
         q_all = torch.randn(b, h, length, d, generator=gen) * 1.5  # peaky enough that masks matter
         k_all = torch.randn(b, h, length, d, generator=gen)
@@ -115,18 +126,18 @@ class CountingGPT(GPT):
         return super().forward(idx, cache)
 
 
-def generation_model(seed: int = 402) -> CountingGPT:
+def generation_model(seed: int = 402, config: GPTConfig = GENERATION_CONFIG) -> CountingGPT:
     """The small random model the generation check runs on (seeded, eval mode, float32)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = CountingGPT(GENERATION_CONFIG)
+        model = CountingGPT(config)
         with torch.no_grad():
             # A random GPT with tied embeddings repeats its input token forever, which a loop
             # that forgets the context would get right. Untie lm_head and shrink wte: the greedy
             # tokens then vary and depend on the whole prefix, with top-2 logit gaps > 0.3
             # (no float near-ties for a correct loop to flip).
             model.transformer.wte.weight.mul_(0.5)
-            vocab, width = GENERATION_CONFIG.vocab_size, GENERATION_CONFIG.n_embd
+            vocab, width = config.vocab_size, config.n_embd
             model.lm_head.weight = torch.nn.Parameter(torch.randn(vocab, width) * 2.0)
     return model.eval()
 
@@ -136,6 +147,53 @@ def generation_prompts(seed: int = 403) -> list[tuple[torch.Tensor, int]]:
     gen = torch.Generator().manual_seed(seed)
     return [(torch.randint(0, GENERATION_CONFIG.vocab_size, (1, t), generator=gen), n)
             for t, n in GENERATION_CASES]
+
+
+@torch.no_grad()
+def greedy_and_gap(model: GPT, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
+    """:func:`greedy_without_cache`, and the smallest gap between the two largest logits over
+    its greedy steps (read off its last forward pass, which sees every step's prefix)."""
+    ids, gap, t = prompt, math.inf, prompt.shape[1]
+    for _ in range(new_tokens):
+        logits = model(ids)
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    if new_tokens:
+        top2 = logits[0, t - 1:].topk(2, dim=-1).values
+        gap = float((top2[:, 0] - top2[:, 1]).min())
+    return ids, gap
+
+
+def generation_setup(ctx: Context) -> tuple[CountingGPT, list[tuple[torch.Tensor, int, torch.Tensor]]]:
+    """The model and (prompt, new tokens, reference ids) cases of the generation check.
+
+    In hidden mode the model has other sizes and weights, and the prompt / generation lengths
+    vary around the visible ones (a one-token prompt or a single new token stays one); a prompt
+    whose greedy continuation has a near-tie (top-2 logit gap < 0.1, where a right loop's
+    rounding could flip the argmax) is redrawn.
+    """
+    if not ctx.hidden:
+        model = generation_model()
+        return model, [(prompt, n, greedy_without_cache(model, prompt, n))
+                       for prompt, n in generation_prompts()]
+    n_embd, n_head = ctx.pick((48, 3), (32, 2), (48, 4), (64, 4), seed=408)
+    config = GPTConfig(vocab_size=ctx.pick(97, 83, 89, 101, 113, seed=406),
+                       n_positions=GENERATION_CONFIG.n_positions, n_embd=n_embd,
+                       n_layer=ctx.pick(2, 1, 2, seed=407), n_head=n_head)
+    model = generation_model(ctx.seed(402), config)
+    rng, gen = ctx.rng(405), ctx.generator(403)
+    cases = []
+    for t, n in GENERATION_CASES:
+        t = 1 if t == 1 else rng.randint(max(2, t - 3), t + 3)
+        n = 1 if n == 1 else rng.randint(max(2, n - 3), n + 3)
+        for _ in range(100):
+            prompt = torch.randint(0, config.vocab_size, (1, t), generator=gen)
+            want, gap = greedy_and_gap(model, prompt, n)
+            if gap > 0.1:
+                break
+        else:  # pragma: no cover - each draw passes with probability close to 1
+            raise RuntimeError("no prompt without near-ties for the hidden generation case")
+        cases.append((prompt, n, want))
+    return model, cases
 
 
 @torch.no_grad()
@@ -157,12 +215,11 @@ def check_cached_generation(ctx: Context, fn) -> None:
     model must be fed T + n - 1 tokens in total (the prompt once, then each new token once; one
     more, the last token, is tolerated).
     """
-    model = generation_model()
-    for prompt, n in generation_prompts():
+    model, cases = generation_setup(ctx)
+    for prompt, n, want in cases:
         t = prompt.shape[1]
-        ctx.case = f"random GPT (vocab {GENERATION_CONFIG.vocab_size}), prompt of {t} tokens, " \
+        ctx.case = f"random GPT (vocab {model.config.vocab_size}), prompt of {t} tokens, " \
                    f"max_new_tokens={n}"
-        want = greedy_without_cache(model, prompt, n)
         model.calls = model.tokens_fed = 0
         with torch.no_grad():
             got = fn(model, prompt.clone(), n)
@@ -249,7 +306,7 @@ KNOWN_STEPS = [
 
 
 def _known_steps(ctx: Context, fn, repeats: int = 30) -> None:
-    gen = torch.Generator().manual_seed(701)
+    gen = ctx.generator(701)
     for label, p, q, draft, rule in KNOWN_STEPS:
         ctx.case = f"{label}: p = {_fmt(p)}, q = {_fmt(q)}, draft token {draft}"
         for _ in range(repeats):
@@ -278,25 +335,63 @@ def _fmt(t: torch.Tensor) -> str:
     return "[" + ", ".join(f"{v:.3g}" for v in t.tolist()) + "]"
 
 
-def _statistical_pairs(seed: int = 702) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(label, p, q) over 8 tokens: a generic pair, truncated supports on either side, a close pair."""
-    gen = torch.Generator().manual_seed(seed)
+def _statistical_pairs(ctx: Context | None = None) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(label, p, q): a generic pair, truncated supports on either side, a close pair; over 8
+    tokens for the visible cases.
+
+    In hidden mode the vocabulary has 6, 7, 9 or 10 tokens, the truncated supports are drawn
+    too, and a pair is redrawn until it is as easy to test as the visible ones: every token q
+    allows has q >= 0.1 / vocab (>= 200 expected counts, where the chi-square approximation is
+    sound), p >= 0.05 / vocab where p > 0, 0.3 <= alpha <= 0.95 (alpha >= 0.8 for the close
+    pair), and the tokens only the residual can produce have q >= 0.5 / vocab.
+    """
+    ctx = ctx if ctx is not None else Context()
+    gen = ctx.generator(702)
+    vocab = ctx.pick(8, 6, 7, 9, 10, seed=704)
+    if ctx.hidden:
+        rng = ctx.rng(705)
+        q_zero = sorted(rng.sample(range(vocab), rng.randint(2, vocab // 2)))
+        p_zero = sorted(rng.sample(range(vocab), 2))
+    else:
+        q_zero, p_zero = [1, 4, 6], [0, 5]
 
     def softmax(scale: float, mask: list[int] = ()) -> torch.Tensor:
-        logits = torch.randn(8, generator=gen, dtype=torch.float64) * scale
+        logits = torch.randn(vocab, generator=gen, dtype=torch.float64) * scale
         logits[list(mask)] = float("-inf")
         return torch.softmax(logits, 0).float()
 
-    base = softmax(1.0)
-    close = torch.softmax(torch.log(base.double()) + 0.3 * torch.randn(8, generator=gen,
-                                                                      dtype=torch.float64), 0)
-    return [
-        ("random p and q", softmax(1.2), softmax(1.2)),
-        ("q is 0 on 3 tokens (target top-k = 5)", softmax(1.0), softmax(1.0, [1, 4, 6])),
-        ("p is 0 on 2 tokens the target likes (they come only from the residual)",
-         softmax(1.0, [0, 5]), softmax(0.8)),
-        ("p close to q (most drafts accepted)", base, close.float()),
+    def close_pair() -> tuple[torch.Tensor, torch.Tensor]:
+        base = softmax(1.0)
+        close = torch.softmax(torch.log(base.double()) + 0.3 * torch.randn(vocab, generator=gen,
+                                                                          dtype=torch.float64), 0)
+        return base, close.float()
+
+    makers = [
+        ("random p and q", lambda: (softmax(1.2), softmax(1.2))),
+        (f"q is 0 on {len(q_zero)} tokens (target top-k = {vocab - len(q_zero)})",
+         lambda: (softmax(1.0), softmax(1.0, q_zero))),
+        (f"p is 0 on {len(p_zero)} tokens the target likes (they come only from the residual)",
+         lambda: (softmax(1.0, p_zero), softmax(0.8))),
+        ("p close to q (most drafts accepted)", close_pair),
     ]
+    close = close_pair()  # drawn first: the visible pairs keep the values they always had
+    pairs = [make() for _, make in makers[:3]] + [close]
+
+    def comparable(i: int, p: torch.Tensor, q: torch.Tensor) -> bool:
+        alpha = float(torch.minimum(p, q).sum())
+        return (float(q[q > 0].min()) >= 0.1 / vocab and float(p[p > 0].min()) >= 0.05 / vocab
+                and (0.8 if i == 3 else 0.3) <= alpha <= 0.95
+                and (i != 2 or float(q[p_zero].min()) >= 0.5 / vocab))
+
+    if ctx.hidden:
+        for i, (_, make) in enumerate(makers):
+            for _ in range(1000):
+                if comparable(i, *pairs[i]):
+                    break
+                pairs[i] = make()
+            else:  # pragma: no cover - a draw passes with probability well above 1 / 10
+                raise RuntimeError(f"no comparable hidden pair for {makers[i][0]!r}")
+    return [(label, p, q) for (label, _), (p, q) in zip(makers, pairs, strict=True)]
 
 
 def chi_square_p_value(statistic: float, dof: int) -> float:
@@ -308,9 +403,9 @@ def chi_square_p_value(statistic: float, dof: int) -> float:
 def sample_accept_or_resample(ctx: Context, fn, p: torch.Tensor, q: torch.Tensor, n: int,
                               seed: int) -> tuple[torch.Tensor, int]:
     """Draw ``n`` draft tokens from p, pass each through ``fn``: (counts of output tokens, accepted)."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = ctx.generator(seed)
     drafts = torch.multinomial(p.double(), n, replacement=True, generator=gen).tolist()
-    fn_gen = torch.Generator().manual_seed(seed + 1)
+    fn_gen = ctx.generator(seed + 1)
     p_in, q_in = p.clone(), q.clone()
     counts = [0] * p.shape[0]
     accepted_total = 0
@@ -344,7 +439,7 @@ def goodness_of_fit(counts: torch.Tensor, accepted: int, p: torch.Tensor,
 
 
 def _statistical(ctx: Context, fn, n: int) -> None:
-    pairs = _statistical_pairs()
+    pairs = _statistical_pairs(ctx)
     threshold = P_VALUE_THRESHOLD / (2 * len(pairs))  # Bonferroni over 2 tests per pair
     for i, (label, p, q) in enumerate(pairs):
         ctx.case = f"statistical test, {label}: p = {_fmt(p)}, q = {_fmt(q)}, {n} draft tokens ~ p"
@@ -371,7 +466,7 @@ def _uses_generator(ctx: Context, fn) -> None:
     for global_seed in (1, 2):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(global_seed)
-            gen = torch.Generator().manual_seed(703)
+            gen = ctx.generator(703)
             runs.append([_call_step(ctx, fn, p.clone(), q.clone(), d % 4, gen) for d in range(60)])
     if runs[0] != runs[1]:
         ctx.fail("the results differ: draw every random number from the generator you are given, "
@@ -411,10 +506,36 @@ SPEEDUP_CASES = [
 ]
 
 
+def _speedup(alpha: float, k: int, c: float) -> float:
+    tokens = k + 1 if alpha == 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+    return tokens / (k * c + 1)
+
+
+def speedup_cases(ctx: Context) -> list[tuple[float, int, float, float, str]]:
+    """:data:`SPEEDUP_CASES`, or in hidden mode the same kinds of case (generic, free draft,
+    long draft, alpha = 0, alpha = 1, k = 0) with other alpha, k and c."""
+    if not ctx.hidden:
+        return SPEEDUP_CASES
+    rng = ctx.rng(706)
+
+    def uniform(lo: float, hi: float, digits: int = 2) -> float:
+        return round(rng.uniform(lo, hi), digits)
+
+    cases = [(uniform(0.5, 0.95), rng.randint(2, 7), uniform(0.01, 0.3, 3)),
+             (uniform(0.3, 0.9), 1, 0.0),
+             (uniform(0.8, 0.97), rng.randint(6, 12), uniform(0.1, 0.4)),
+             (0.0, rng.randint(1, 6), uniform(0.05, 0.4)),
+             (1.0, rng.randint(2, 8), uniform(0.05, 0.3)),
+             (uniform(0.1, 0.9), 0, uniform(0.05, 0.5))]
+    notes = [note for *_, note in SPEEDUP_CASES]
+    return [(alpha, k, c, _speedup(alpha, k, c), note)
+            for (alpha, k, c), note in zip(cases, notes, strict=True)]
+
+
 @check("expected speed-up", POINTS["expected_speedup"])
 def check_expected_speedup(ctx: Context, fn) -> None:
     """``fn(alpha, k, c) -> float``: (1 - alpha^(k+1)) / ((1 - alpha)(k c + 1)), limit at alpha = 1."""
-    for alpha, k, c, want, note in SPEEDUP_CASES:
+    for alpha, k, c, want, note in speedup_cases(ctx):
         ctx.case = f"alpha={alpha}, k={k}, c={c}"
         got = fn(alpha, k, c)
         if isinstance(got, torch.Tensor) and got.numel() == 1:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -125,6 +126,82 @@ def _add_serving(sub) -> None:
     load.set_defaults(func=_bench_serve)
 
 
+def _book(args: argparse.Namespace) -> int:
+    from course_lib.book import book_cli
+
+    return book_cli(args)
+
+
+def _add_book(sub) -> None:
+    # light: nbconvert and nbclient are imported only when the book is built
+    from course_lib.book import DEFAULT_NOTEBOOKS, DEFAULT_OUT, DEFAULT_TIMEOUT
+
+    b = sub.add_parser("book", help="execute the notebooks and render them, outputs and plots "
+                       "included, to a static HTML book (index.html + one page per chapter)")
+    b.add_argument("--notebooks", default=DEFAULT_NOTEBOOKS,
+                   help=f"folder of notebooks (default: {DEFAULT_NOTEBOOKS})")
+    b.add_argument("--out", default=DEFAULT_OUT, help=f"folder to write the HTML to (default: {DEFAULT_OUT})")
+    b.add_argument("--only", nargs="+", metavar="PREFIX",
+                   help="only the notebooks whose name starts with one of these, e.g. --only 00 01")
+    mode = b.add_mutually_exclusive_group()
+    mode.add_argument("--fast", dest="fast", action="store_true", default=None,
+                      help="COURSE_FAST=1: small shapes, tiny models (default without a CUDA GPU)")
+    mode.add_argument("--full", dest="fast", action="store_false",
+                      help="full size (default with a CUDA GPU)")
+    b.add_argument("--timeout", type=_positive, default=DEFAULT_TIMEOUT,
+                   help=f"seconds one cell may run (default: {DEFAULT_TIMEOUT})")
+    b.add_argument("--online", action="store_true",
+                   help="let the notebooks reach the model hub (default: COURSE_OFFLINE=1)")
+    b.set_defaults(func=_book)
+
+
+def _grade(args: argparse.Namespace) -> int:
+    try:
+        from course_lib.grading.grader import grade_cli
+    except ModuleNotFoundError as exc:  # nbclient / ipykernel / rich not installed
+        raise SystemExit(f"course-lib grade needs the notebook packages ({exc.name} is missing): "
+                         "pip install 'course_lib[notebooks]'") from None
+    return grade_cli(args)
+
+
+def _chapter(text: str) -> str:
+    from course_lib.grading import TASKS
+
+    chapters = sorted({t.notebook for t in TASKS.values()})
+    found = [c for c in chapters if c == text or c.startswith(text.zfill(2) + "_")]
+    if not found:
+        raise argparse.ArgumentTypeError(f"unknown chapter {text!r}; graded chapters are "
+                                         f"{', '.join(chapters)}")
+    return found[0]
+
+
+def _add_grade(sub) -> None:
+    g = sub.add_parser("grade", help="run and grade submitted notebooks (CSV, JSON, JUnit XML, "
+                       "feedback)", description="Run every student's notebooks (fast mode, "
+                       "offline, one process each, with time and memory limits) and grade every "
+                       "check. SUBMISSIONS: a folder of student folders, one student's folder, "
+                       "or one notebook.")
+    g.add_argument("submissions", type=Path, metavar="SUBMISSIONS")
+    g.add_argument("--out", type=Path, default=Path("grades"),
+                   help="folder for grades.csv, grades.json, junit.xml (default: ./grades)")
+    g.add_argument("--hidden", action="store_true",
+                   help="also run the instructor-only cases (new seeds and shapes)")
+    g.add_argument("--seed", type=int, help="seed of the hidden cases (default: a random one, "
+                   "printed and saved in grades.json)")
+    g.add_argument("--feedback", action="store_true",
+                   help="write feedback/<student>.md: what failed and why")
+    g.add_argument("--chapters", nargs="+", type=_chapter, metavar="NN",
+                   help="chapters to grade, e.g. 01 03 (default: every chapter submitted)")
+    g.add_argument("--timeout", type=float, default=900,
+                   help="seconds for a notebook's own cells (default: 900)")
+    g.add_argument("--cell-timeout", type=float, default=120,
+                   help="seconds for one cell or one check (default: 120)")
+    g.add_argument("--memory-limit", type=float, default=6, metavar="GB",
+                   help="address-space limit per notebook, 0 for none (default: 6)")
+    g.add_argument("--jobs", type=_positive, default=1, help="notebooks graded at once (default: 1)")
+    g.set_defaults(func=_grade)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="course-lib", description="LLM inference optimization course: tools for learners, instructors and graders."
@@ -142,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=_build_exercises)
     _add_quantize(sub)
     _add_serving(sub)
+    _add_grade(sub)
+    _add_book(sub)
     return parser
 
 

@@ -16,8 +16,10 @@ under ``course-lib grade --hidden``; it never appears in a student notebook.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import json
 import random
 import traceback
 from collections.abc import Callable
@@ -51,6 +53,13 @@ class CheckResult:
             self.status = "pass" if self.passed else "fail"
         if self.status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
+
+    def save(self, path: str | Path, task: str) -> None:
+        """Append this result as one JSON line tagged with its task id (the grader collects
+        results from a learner's kernel this way)."""
+        row = {"task": task, **dataclasses.asdict(self)}
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
 
     def _ipython_display_(self) -> None:
         """Show nothing: the check has already printed its line (a cell ending in a check

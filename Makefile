@@ -21,6 +21,7 @@ TORCH_PIN ?= torch==2.13.0
 TORCH_INDEX ?=
 LAB_ARGS ?=
 SERVE_ARGS ?=
+BOOK_ARGS ?=
 
 # Stamp files: re-running is fast, and a changed pyproject.toml re-installs.
 DEV_STAMP = $(VENV)/.dev-installed
@@ -30,13 +31,13 @@ NB_STAMP = $(VENV)/.nb-installed
 # test targets below: exported to `make lab` it would stop plots from showing inline.)
 export PYTHONHASHSEED = 0
 export TOKENIZERS_PARALLELISM = false
-TEST_TARGETS = test lint pytest check-exercises nbval test-gpu bench
+TEST_TARGETS = test lint pytest check-exercises nbval test-gpu bench bench-gpu
 $(TEST_TARGETS): export MPLBACKEND = Agg
 
 NOTEBOOK_FILES = $(wildcard notebooks/*.ipynb solutions/*.ipynb)
 
-.PHONY: help setup lab test lint pytest exercises check-exercises nbval test-gpu bench serve \
-	doctor clean
+.PHONY: help setup lab test lint pytest exercises check-exercises nbval test-gpu bench bench-gpu serve \
+	doctor book grade clean
 
 help: ## list the targets
 	@echo "usage: make TARGET   (variables: PY=$(PY) VENV=$(VENV) TORCH_PIN=$(TORCH_PIN) LAB_ARGS=...)"
@@ -73,6 +74,11 @@ lab: $(NB_STAMP) ## open JupyterLab on notebooks/ (e.g. make lab LAB_ARGS="--no-
 doctor: $(NB_STAMP) ## report versions, device, Triton mode, reachable models and datasets
 	$(BIN)/python -m course_lib doctor
 
+# Not a test target: under MPLBACKEND=Agg ipykernel would not capture the plots (course-lib book
+# sets the inline backend for its kernels anyway).  Fast mode without a CUDA GPU, full size with one.
+book: $(NB_STAMP) ## run the notebooks, render them to _build/html/ (e.g. BOOK_ARGS="--only 00 01")
+	$(BIN)/python -m course_lib book $(BOOK_ARGS)
+
 # --- tests (what CI runs) ----------------------------------------------------------------
 
 test: $(DEV_STAMP) ## lint + pytest + check-exercises + nbval, then the total wall time
@@ -103,7 +109,7 @@ endif
 # and the notebooks at full size (no COURSE_FAST).  On Linux the pinned torch from PyPI's default
 # index is a CUDA build; pass TORCH_INDEX=.../cuXXX for another CUDA version.
 test-gpu: $(DEV_STAMP) ## GPU tests + full-size notebooks (needs CUDA)
-	$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'test-gpu needs CUDA; torch ' + torch.__version__ + ' sees no GPU')"
+	$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'test-gpu: no CUDA device found (torch ' + torch.__version__ + ' sees no GPU); nothing run')"
 	$(BIN)/pytest -q -m gpu tests
 ifneq ($(NOTEBOOK_FILES),)
 	$(BIN)/pytest -q --nbval-lax --nbval-current-env -p no:cacheprovider notebooks solutions
@@ -114,12 +120,23 @@ endif
 exercises: $(DEV_STAMP) ## regenerate exercises/ from solutions/ (never edit exercises/ by hand)
 	$(BIN)/python -m course_lib build-exercises
 
+# e.g. make grade SUBMISSIONS=~/class GRADE_ARGS="--hidden --feedback --jobs 2"
+SUBMISSIONS ?=
+GRADE_ARGS ?=
+grade: $(NB_STAMP) ## grade student notebooks in $(SUBMISSIONS) (docs/instructors.md)
+	@test -n "$(SUBMISSIONS)" || { echo "make grade: set SUBMISSIONS=folder (see docs/instructors.md)"; exit 2; }
+	$(BIN)/python -m course_lib grade "$(SUBMISSIONS)" $(GRADE_ARGS)
+
 # --- benchmarks and the server -------------------------------------------------------------
 
-bench: $(NB_STAMP) ## run benchmarks/*.py (JSON to benchmarks/results/)
-	@shopt -s nullglob; scripts=(benchmarks/*.py); \
-	if [ $${#scripts[@]} -eq 0 ]; then echo "bench: no benchmarks yet"; exit 0; fi; \
-	for s in "$${scripts[@]}"; do echo "== $$s"; $(BIN)/python "$$s"; done
+# One process per benchmark, settings in benchmarks/run_all.py; then the summary of headline
+# ratios, benchmarks/results/<machine>.md and .json (e.g. make bench BENCH_ARGS="--only engine").
+BENCH_ARGS ?=
+bench: $(NB_STAMP) ## every CPU benchmark (~12 min on 2 cores), then results/<machine>.md summary
+	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
+
+bench-gpu: $(NB_STAMP) ## the GPU kernel benchmarks (says so and runs nothing without CUDA)
+	$(BIN)/python benchmarks/run_all.py --gpu $(BENCH_ARGS)
 
 serve: $(NB_STAMP) ## OpenAI-compatible server on 127.0.0.1:8000 (e.g. make serve SERVE_ARGS="--model gpt2")
 	$(BIN)/python -m course_lib serve $(SERVE_ARGS)
@@ -129,4 +146,4 @@ serve: $(NB_STAMP) ## OpenAI-compatible server on 127.0.0.1:8000 (e.g. make serv
 clean: ## remove caches and build output (keeps .venv, runs/ and benchmark results)
 	find . \( -path ./$(VENV) -o -path ./runs -o -path ./.git \) -prune -o \
 		\( -name __pycache__ -o -name .ipynb_checkpoints \) -type d -print0 | xargs -0 rm -rf
-	rm -rf .pytest_cache .ruff_cache .hypothesis build dist *.egg-info
+	rm -rf .pytest_cache .ruff_cache .hypothesis build dist *.egg-info _build

@@ -14,6 +14,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from check_contract import (
+    HIDDEN_SEEDS,
+    fingerprint,
+    hidden_contract_tests,
+    inputs_seen,
+    memorize,
+)
 
 from course_lib import grading
 from course_lib.exercises import BEGIN_MARKER
@@ -611,93 +618,50 @@ def test_notebook_checks_pass_on_solutions_and_fail_on_exercises(name, capsys) -
 # --- hidden cases ------------------------------------------------------------------------------
 
 
-def test_symmetric_quantize_hidden_cases(capsys) -> None:
-    from check_contract import assert_hardcoding_fails_hidden, assert_hidden_right_answer_passes
-
-    assert_hidden_right_answer_passes(check_symmetric_quantize, sym)
-    assert_hardcoding_fails_hidden(check_symmetric_quantize, sym, sym_scale_128)
-
-
 #: the checks of chapters 1 and 2, every one of which draws hidden cases
 CHAPTER_1_2 = [check_symmetric_quantize, check_dequantize, check_asymmetric_quantize,
                check_per_group_quantize, check_pack_int4, check_minmax_observer, check_int8_linear,
                check_conv1d_to_linear]
 
-
-@pytest.mark.parametrize("check", CHAPTER_1_2, ids=lambda c: c.__name__)
-def test_chapter_1_2_hidden_right_answer_passes(check, capsys) -> None:
-    from check_contract import assert_hidden_right_answer_passes
-
-    assert_hidden_right_answer_passes(check, *RIGHT[check])
-
-
-@pytest.mark.parametrize("check, right, wrong", [
-    (check_dequantize, deq, deq_uint8_wrap),
-    (check_asymmetric_quantize, asym, asym_zero_wrong_sign),
-    (check_per_group_quantize, per_group, per_group_wrong_axis),
-    (check_conv1d_to_linear, conv1d_to_linear, conv1d_no_transpose),
-], ids=lambda x: x.__name__)
-def test_chapter_1_2_hardcoding_fails_hidden(check, right, wrong, capsys) -> None:
-    from check_contract import assert_hardcoding_fails_hidden
-
-    assert_hardcoding_fails_hidden(check, right, wrong)
+test_chapter_1_2_hidden_right_answer_passes, test_chapter_1_2_hardcoding_fails_hidden = \
+    hidden_contract_tests({c: [RIGHT[c]] for c in CHAPTER_1_2}, [
+        (check_symmetric_quantize, sym, sym_scale_128),
+        (check_dequantize, deq, deq_uint8_wrap),
+        (check_asymmetric_quantize, asym, asym_zero_wrong_sign),
+        (check_per_group_quantize, per_group, per_group_wrong_axis),
+        (check_conv1d_to_linear, conv1d_to_linear, conv1d_no_transpose),
+    ])
 
 
-def _shapes(value) -> set:
+def _shapes(*values) -> frozenset:
     """The shapes of every tensor (or module weight) among a call's arguments."""
-    if isinstance(value, nn.Module):
-        value = value.weight
-    if isinstance(value, torch.Tensor):
-        return {tuple(value.shape)} if value.dim() else set()
-    if isinstance(value, (list, tuple)):
-        return set().union(*map(_shapes, value))
-    return set()
+    shapes = set()
+    for value in values:
+        if isinstance(value, nn.Module):
+            value = value.weight
+        if isinstance(value, torch.Tensor):
+            shapes |= {tuple(value.shape)} if value.dim() else set()
+        elif isinstance(value, (list, tuple)):
+            shapes |= _shapes(*value)
+    return frozenset(shapes)
 
 
 @pytest.mark.parametrize("check", [c for c in CHAPTER_1_2
                                    if c not in (check_minmax_observer, check_int8_linear)],
                          ids=lambda c: c.__name__)
 def test_chapter_1_2_hidden_cases_have_new_shapes(check, capsys) -> None:
-    from check_contract import HIDDEN_SEEDS
-
-    def recording(right):
-        def call(*args):
-            seen.update(_shapes(args))
-            return right(*args)
-        return call
-
-    learner = tuple(map(recording, RIGHT[check]))
-    seen: set = set()
-    assert check(*learner, raise_on_fail=False).passed
-    visible = set(seen)
+    visible = set().union(*inputs_seen(check, RIGHT[check], summary=_shapes))
     for seed in HIDDEN_SEEDS:
-        seen.clear()
-        assert check(*learner, raise_on_fail=False, hidden_seed=seed).passed
+        seen = set().union(*inputs_seen(check, RIGHT[check], seed, summary=_shapes))
         assert seen - visible, f"hidden seed {seed}: no shape the visible cases did not use"
 
 
 def test_pack_int4_hardcoding_fails_hidden(capsys) -> None:
     """pack and unpack each replay what the library returned for the visible inputs."""
-    from check_contract import HIDDEN_SEEDS, fingerprint
-
-    def memorizer(right, wrong):
-        table = {}
-
-        def record(x):
-            table[fingerprint(x)] = right(x).clone()
-            return right(x)
-
-        def replay(x):
-            return table[fingerprint(x)].clone() if fingerprint(x) in table else wrong(x)
-
-        return record, replay
-
-    record_pack, replay_pack = memorizer(affine.pack_int4, pack_high_nibble_first)
-    record_unpack, replay_unpack = memorizer(affine.unpack_int4, unpack_int32_result)
-    assert check_pack_int4(record_pack, record_unpack, raise_on_fail=False).passed
-    assert check_pack_int4(replay_pack, replay_unpack, raise_on_fail=False).passed
+    replay = memorize(check_pack_int4, (affine.pack_int4, affine.unpack_int4),
+                      (pack_high_nibble_first, unpack_int32_result))
     for seed in HIDDEN_SEEDS:
-        result = check_pack_int4(replay_pack, replay_unpack, raise_on_fail=False, hidden_seed=seed)
+        result = check_pack_int4(*replay, raise_on_fail=False, hidden_seed=seed)
         assert not result.passed and result.message.startswith("hidden case, random codes of shape ")
 
 
@@ -708,8 +672,6 @@ def _seen_in(check, learner, hidden_seed=None) -> set:
 
 
 def test_minmax_observer_hidden_cases_show_new_batches(capsys) -> None:
-    from check_contract import HIDDEN_SEEDS, fingerprint
-
     class Recording(Observer):
         seen: set = set()
 
@@ -727,8 +689,6 @@ def test_minmax_observer_hidden_cases_show_new_batches(capsys) -> None:
 
 
 def test_int8_linear_hidden_cases_show_new_layers_and_inputs(capsys) -> None:
-    from check_contract import HIDDEN_SEEDS
-
     class Recording(Int8Linear):
         seen: set = set()
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from check_contract import (
     HIDDEN_SEEDS,
-    assert_hardcoding_fails_hidden,
-    assert_hidden_right_answer_passes,
     contract_tests,
+    hidden_contract_tests,
+    inputs_seen,
 )
 
 from course_lib import grading
@@ -269,37 +269,20 @@ def test_reference_metrics_match_the_engine() -> None:
 # --- hidden cases (course-lib grade --hidden) -------------------------------------------------
 
 
-@pytest.mark.parametrize("check, learner", [(c, f) for c, fs in RIGHT.items() for f in fs],
-                         ids=lambda x: x.__name__)
-def test_hidden_right_answer_passes(check, learner, capsys) -> None:
-    assert_hidden_right_answer_passes(check, learner)
-
-
-@pytest.mark.parametrize("check, right, wrong", [
+test_hidden_right_answer_passes, test_hardcoding_fails_hidden = hidden_contract_tests(RIGHT, [
     (check_schedule_step, schedule_step, prefills_before_decodes),
     (check_schedule_step, schedule_step, overtaking),
     (check_request_metrics, request_metrics, ttft_from_first_schedule),
     (check_request_metrics, request_metrics, token_at_every_chunk),
-], ids=lambda x: x.__name__)
-def test_hardcoding_fails_hidden(check, right, wrong, capsys) -> None:
-    assert_hardcoding_fails_hidden(check, right, wrong)
+])
 
 
-def _sizes_seen(check, right, hidden_seed=None) -> set:
-    """The sizes of every input: (running, waiting, budgets) or (requests, steps)."""
-    seen = set()
-
-    def spy(*args, **kwargs):
-        if kwargs:
-            seen.add((len(kwargs["running"]), len(kwargs["waiting"]), kwargs["max_num_seqs"],
-                      kwargs["max_num_batched_tokens"], kwargs["num_free_blocks"],
-                      kwargs["block_size"]))
-        else:
-            seen.add((len(args[2]), len(args[0])))
-        return right(*args, **kwargs)
-
-    assert check(spy, raise_on_fail=False, hidden_seed=hidden_seed).passed
-    return seen
+def _sizes(*args, **kwargs) -> tuple:
+    """The sizes of an input: (running, waiting, budgets) or (requests, steps)."""
+    if kwargs:
+        return (len(kwargs["running"]), len(kwargs["waiting"]), kwargs["max_num_seqs"],
+                kwargs["max_num_batched_tokens"], kwargs["num_free_blocks"], kwargs["block_size"])
+    return len(args[2]), len(args[0])
 
 
 @pytest.mark.parametrize("check, right", [(check_schedule_step, schedule_step),
@@ -308,7 +291,7 @@ def _sizes_seen(check, right, hidden_seed=None) -> set:
 def test_hidden_cases_have_other_sizes(check, right, capsys) -> None:
     """The hidden random cases differ in size (queues, budgets, requests, steps), not only in
     values."""
-    visible = _sizes_seen(check, right)
+    visible = set(inputs_seen(check, [right], summary=_sizes))
     for seed in HIDDEN_SEEDS:
-        assert len(_sizes_seen(check, right, seed) - visible) >= 5
+        assert len(set(inputs_seen(check, [right], seed, summary=_sizes)) - visible) >= 5
 

@@ -8,9 +8,8 @@ import pytest
 import torch
 from check_contract import (
     HIDDEN_SEEDS,
-    assert_hardcoding_fails_hidden,
-    assert_hidden_right_answer_passes,
-    fingerprint,
+    hidden_contract_tests,
+    inputs_seen,
 )
 from test_grading import (
     accept_or_resample,
@@ -31,37 +30,23 @@ from course_lib.grading import (
 )
 from course_lib.grading.core import Context
 
-
-@pytest.mark.parametrize("check, learner", [
-    (check_cached_attention, cached_attention),
-    (check_cached_generation, generate_with_cache),
-    (check_accept_or_resample, accept_or_resample),
-    (check_expected_speedup, expected_speedup),
-], ids=lambda x: getattr(x, "__name__", ""))
-def test_hidden_right_answer_passes(check, learner, capsys) -> None:
-    assert_hidden_right_answer_passes(check, learner)
-
-
-@pytest.mark.parametrize("check, right, wrong", [
+test_hidden_right_answer_passes, test_hardcoding_fails_hidden = hidden_contract_tests({
+    check_cached_attention: [cached_attention],
+    check_cached_generation: [generate_with_cache],
+    check_accept_or_resample: [accept_or_resample],
+    check_expected_speedup: [expected_speedup],
+}, [
     (check_cached_attention, cached_attention, attention_unscaled),
     (check_cached_generation, generate_with_cache, generate_last_token_only),
     (check_expected_speedup, expected_speedup, speedup_ignoring_draft_cost),
-], ids=lambda x: getattr(x, "__name__", ""))
-def test_hardcoding_fails_hidden(check, right, wrong, capsys) -> None:
-    assert_hardcoding_fails_hidden(check, right, wrong)
+])
 
 
-def _shapes_seen(check, right, hidden_seed=None) -> set:
-    seen = set()
-
-    def record(*args):
-        seen.add(tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else
-                       (type(a).__name__, a.config.vocab_size, a.config.n_embd) if
-                       isinstance(a, torch.nn.Module) else a for a in args))
-        return right(*args)
-
-    assert check(record, raise_on_fail=False, hidden_seed=hidden_seed).passed
-    return seen
+def _shapes(*args) -> tuple:
+    """An input's sizes: a tensor's shape, a model's class and widths, anything else as is."""
+    return tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else
+                 (type(a).__name__, a.config.vocab_size, a.config.n_embd) if
+                 isinstance(a, torch.nn.Module) else a for a in args)
 
 
 @pytest.mark.parametrize("check, right", [
@@ -69,9 +54,10 @@ def _shapes_seen(check, right, hidden_seed=None) -> set:
     (check_cached_generation, generate_with_cache),
 ], ids=lambda x: getattr(x, "__name__", ""))
 def test_hidden_cases_have_other_shapes(check, right, capsys) -> None:
-    visible = _shapes_seen(check, right)
+    visible = set(inputs_seen(check, [right], summary=_shapes))
     for seed in HIDDEN_SEEDS:
-        assert _shapes_seen(check, right, seed) - visible, f"hidden seed {seed}: no new shape"
+        assert set(inputs_seen(check, [right], seed, summary=_shapes)) - visible, \
+            f"hidden seed {seed}: no new shape"
 
 
 def test_hidden_statistical_pairs_are_new_and_comparable() -> None:
@@ -95,16 +81,10 @@ def test_hidden_accept_or_resample_sees_new_distributions(capsys, monkeypatch) -
     """A learner that records the (p, q) it is given: hidden mode hands it pairs that visible
     mode never did, and a learner that is right only on the visible pairs fails hidden."""
     monkeypatch.setattr(checks_generation, "STATISTICAL_SAMPLES", 3000)  # enough, and faster
-    def key(p, q):
+    def key(p, q, *_):
         return (tuple(p.tolist()), tuple(q.tolist()))
 
-    seen_visible = set()
-
-    def recording(p, q, draft_token, generator):
-        seen_visible.add(key(p, q))
-        return accept_or_resample(p, q, draft_token, generator)
-
-    assert check_accept_or_resample(recording, raise_on_fail=False).passed
+    seen_visible = set(inputs_seen(check_accept_or_resample, [accept_or_resample], summary=key))
 
     def right_on_visible_only(p, q, draft_token, generator):
         if key(p, q) in seen_visible:
@@ -138,18 +118,6 @@ def test_hidden_speedup_cases_keep_their_kinds() -> None:
             assert want == pytest.approx(expected_speedup(alpha, k, c), rel=1e-12)
 
 
-def _inputs_seen(check, right, hidden_seed) -> list:
-    """Fingerprints of every input a hidden run hands the learner, in order."""
-    seen = []
-
-    def record(*args):
-        seen.append(fingerprint(args))
-        return right(*args)
-
-    assert check(record, raise_on_fail=False, hidden_seed=hidden_seed).passed
-    return seen
-
-
 @pytest.mark.parametrize("check, right", [
     (check_cached_attention, cached_attention),
     (check_cached_generation, generate_with_cache),
@@ -157,8 +125,8 @@ def _inputs_seen(check, right, hidden_seed) -> list:
 ], ids=lambda x: getattr(x, "__name__", ""))
 def test_hidden_cases_depend_on_the_seed(check, right, capsys) -> None:
     """Two instructor seeds give two different sets of hidden inputs (not one fixed hidden set)."""
-    first, second = (set(_inputs_seen(check, right, seed)) for seed in HIDDEN_SEEDS)
-    visible = set(_inputs_seen(check, right, None))
+    first, second = (set(inputs_seen(check, [right], seed)) for seed in HIDDEN_SEEDS)
+    visible = set(inputs_seen(check, [right]))
     assert first - visible - second and second - visible - first
 
 

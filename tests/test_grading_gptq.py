@@ -10,9 +10,9 @@ import pytest
 import torch
 from check_contract import (
     HIDDEN_SEEDS,
-    assert_hardcoding_fails_hidden,
-    assert_hidden_right_answer_passes,
     contract_tests,
+    hidden_contract_tests,
+    inputs_seen,
 )
 
 from course_lib import grading
@@ -234,32 +234,17 @@ def test_awq_cases_have_a_clear_best_ratio() -> None:
 # --- hidden cases (course-lib grade --hidden) -------------------------------------------------
 
 
-@pytest.mark.parametrize("check, learner", [(c, f) for c, fs in RIGHT.items() for f in fs],
-                         ids=lambda x: x.__name__)
-def test_hidden_right_answer_passes(check, learner, capsys) -> None:
-    assert_hidden_right_answer_passes(check, learner)
-
-
-@pytest.mark.parametrize("check, right, wrong", [
+test_hidden_right_answer_passes, test_hardcoding_fails_hidden = hidden_contract_tests(RIGHT, [
     (check_accumulate_hessian, accumulate_hessian, hessian_without_the_2),
     (check_gptq_column_step, column_step, step_without_feedback),
     (check_awq_scale_search, awq_search_ratio, search_without_normalising),
-], ids=lambda x: x.__name__)
-def test_hardcoding_fails_hidden(check, right, wrong, capsys) -> None:
-    assert_hardcoding_fails_hidden(check, right, wrong)
+])
 
 
-def _shapes_seen(check, right, hidden_seed=None) -> set:
-    seen = set()
-
-    def spy(*args):
-        seen.add(tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else
-                       tuple(tuple(b.shape) for b in a) if isinstance(a, list) else a
-                       for a in args))
-        return right(*args)
-
-    assert check(spy, raise_on_fail=False, hidden_seed=hidden_seed).passed
-    return seen
+def _shapes(*args) -> tuple:
+    """An input's sizes: a tensor's shape, a list of tensors' shapes, anything else as is."""
+    return tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else
+                 tuple(tuple(b.shape) for b in a) if isinstance(a, list) else a for a in args)
 
 
 @pytest.mark.parametrize("check, right", [(c, fs[0]) for c, fs in RIGHT.items()],
@@ -267,9 +252,9 @@ def _shapes_seen(check, right, hidden_seed=None) -> set:
 def test_hidden_cases_have_other_shapes(check, right, capsys) -> None:
     """The hidden cases are not the visible ones with other values: their sizes differ too
     (every random case's shape, for any seed), and the fixed cases stay."""
-    visible = _shapes_seen(check, right)
+    visible = set(inputs_seen(check, [right], summary=_shapes))
     for seed in HIDDEN_SEEDS:
-        hidden = _shapes_seen(check, right, seed) - visible
+        hidden = set(inputs_seen(check, [right], seed, summary=_shapes)) - visible
         n_random = {check_accumulate_hessian: 4, check_gptq_column_step: 4,
                     check_awq_scale_search: 3}[check]
         assert len({args[0] for args in hidden}) >= n_random - 1, hidden

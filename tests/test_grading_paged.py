@@ -12,10 +12,9 @@ import pytest
 import torch
 from check_contract import (
     HIDDEN_SEEDS,
-    assert_hardcoding_fails_hidden,
-    assert_hidden_right_answer_passes,
     contract_tests,
-    fingerprint,
+    hidden_contract_tests,
+    visible_and_hidden_inputs,
 )
 
 from course_lib import grading
@@ -276,10 +275,14 @@ def test_grade_reports_missing_names(capsys) -> None:
 # --- hidden cases (course-lib grade --hidden) -------------------------------------------------
 
 
-@pytest.mark.parametrize("check, learner", [(c, f) for c, fs in RIGHT.items() for f in fs],
-                         ids=lambda x: x.__name__)
-def test_hidden_right_answer_passes(check, learner, capsys) -> None:
-    assert_hidden_right_answer_passes(check, learner)
+def zeros_like_q(q, k_cache, v_cache, block_table, context_len):
+    return torch.zeros_like(q)
+
+
+test_hidden_right_answer_passes, test_hardcoding_fails_hidden = hidden_contract_tests(RIGHT, [
+    (check_slot_mapping, slot_mapping, slot_ignores_the_table),
+    (check_paged_attention, paged_attention, zeros_like_q),
+])
 
 
 def _recording_allocator(runs: list):
@@ -348,39 +351,11 @@ class _FailsOnlyInHiddenPools(BlockAllocator):
         return ForkWithoutCounts.fork(self, parent_id, child_id)
 
 
-def zeros_like_q(q, k_cache, v_cache, block_table, context_len):
-    return torch.zeros_like(q)
-
-
-def test_hardcoded_slot_mapping_fails_hidden(capsys) -> None:
-    assert_hardcoding_fails_hidden(check_slot_mapping, slot_mapping, slot_ignores_the_table)
-
-
-def test_hardcoded_paged_attention_fails_hidden(capsys) -> None:
-    assert_hardcoding_fails_hidden(check_paged_attention, paged_attention, zeros_like_q)
-
-
-def hidden_inputs(check, learner, seed) -> tuple[set, set]:
-    """Fingerprints of the arguments ``learner`` gets in the visible cases of ``check``, and in
-    its hidden cases for ``seed``."""
-    calls: list = []
-
-    def spy(*args):
-        calls.append(fingerprint(args))
-        return learner(*args)
-
-    assert check(spy).passed
-    visible = list(calls)
-    calls.clear()
-    assert check(spy, hidden_seed=seed).passed
-    assert calls[:len(visible)] == visible
-    return set(visible), set(calls[len(visible):])
-
-
 @pytest.mark.parametrize("check, learner", [(check_slot_mapping, slot_mapping),
                                             (check_paged_attention, paged_attention)],
                          ids=lambda x: x.__name__)
 def test_hidden_cases_depend_on_the_seed(check, learner, capsys) -> None:
     """Each instructor's seed gives its own cases (beyond the hand-picked ones both keep)."""
-    (visible, a), (_, b) = (hidden_inputs(check, learner, seed) for seed in HIDDEN_SEEDS)
+    (visible, a), (_, b) = (map(set, visible_and_hidden_inputs(check, [learner], seed))
+                            for seed in HIDDEN_SEEDS)
     assert a - visible and b - visible and a - visible - b and b - visible - a

@@ -4,7 +4,6 @@ running server (every validation case is sent to the real app)."""
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 
@@ -12,10 +11,11 @@ import httpx
 import pytest
 from check_contract import (
     HIDDEN_SEEDS,
-    assert_hardcoding_fails_hidden,
-    assert_hidden_right_answer_passes,
     contract_tests,
-    fingerprint,
+    hidden_contract_tests,
+    inputs_seen,
+    memorize,
+    visible_and_hidden_inputs,
 )
 from test_api import serve
 
@@ -399,24 +399,17 @@ def test_char_tokens_and_cases_are_well_formed() -> None:
 # --- hidden cases (course-lib grade --hidden) -------------------------------------------------
 
 
-@pytest.mark.parametrize("check, learner", [(c, f) for c, fs in RIGHT.items() for f in fs],
-                         ids=lambda x: x.__name__)
-def test_hidden_right_answer_passes(check, learner, capsys) -> None:
-    if check is latency_check:
-        assert_hidden_right_answer_passes(check_latency_metrics, *learner)
-    else:
-        assert_hidden_right_answer_passes(check, learner)
+def accepts_everything(body, model_name, context_len, count_tokens):
+    return None
 
 
-def test_hardcoded_validator_fails_hidden(capsys) -> None:
-    def accepts_everything(body, model_name, context_len, count_tokens):
-        return None
-
-    assert_hardcoding_fails_hidden(check_request_validator, validate_completion, accepts_everything)
-
-
-def test_hardcoded_cost_fails_hidden(capsys) -> None:
-    assert_hardcoding_fails_hidden(check_cost, cost_per_million_tokens, cost_per_thousand)
+# the latency check takes its Pair of functions as two arguments
+test_hidden_right_answer_passes, test_hardcoding_fails_hidden = hidden_contract_tests(
+    {check_latency_metrics: RIGHT[latency_check], check_cost: RIGHT[check_cost],
+     check_request_validator: RIGHT[check_request_validator]}, [
+        (check_request_validator, validate_completion, accepts_everything),
+        (check_cost, cost_per_million_tokens, cost_per_thousand),
+    ])
 
 
 #: The visible cost cases, answered: what a submission that hard-codes them would hold.
@@ -443,31 +436,9 @@ def test_cost_answers_from_a_table_fail_every_hidden_seed(capsys) -> None:
         assert not result.passed and result.message.startswith("hidden case, random case"), seed
 
 
-def _memorize_pair(right: tuple, wrong: tuple) -> tuple:
-    """Both latency functions hard-coding the visible cases (``wrong`` on anything else)."""
-    tables: tuple[dict, dict] = ({}, {})
-
-    def record(i):
-        def fn(*args):
-            out = right[i](*args)
-            tables[i][fingerprint(args)] = copy.deepcopy(out)
-            return out
-        return fn
-
-    def replay(i):
-        def fn(*args):
-            key = fingerprint(args)
-            return copy.deepcopy(tables[i][key]) if key in tables[i] else wrong[i](*args)
-        return fn
-
-    assert check_latency_metrics(record(0), record(1), raise_on_fail=False).passed
-    memorized = replay(0), replay(1)
-    assert check_latency_metrics(*memorized, raise_on_fail=False).passed
-    return memorized
-
-
 def test_hardcoded_latency_metrics_fail_hidden(capsys) -> None:
-    latency, good = _memorize_pair((request_latency, goodput), (tpot_over_all_tokens, goodput_as_fraction))
+    latency, good = memorize(check_latency_metrics, (request_latency, goodput),
+                             (tpot_over_all_tokens, goodput_as_fraction))
     for seed in HIDDEN_SEEDS:
         result = check_latency_metrics(latency, good, raise_on_fail=False, hidden_seed=seed)
         assert not result.passed and result.message.startswith("hidden case, request_latency, random")
@@ -477,40 +448,16 @@ def test_hardcoded_latency_metrics_fail_hidden(capsys) -> None:
 
 
 def test_hidden_validator_varies_context_model_and_prompt(capsys) -> None:
-    seen: list[set] = []
-    for seed in (None, *HIDDEN_SEEDS):
-        calls = set()
+    def summary(body, model_name, context_len, count_tokens):
+        return model_name, context_len, body.get("prompt", "")[:4]
 
-        def spy(body, model_name, context_len, count_tokens, calls=calls):
-            calls.add((model_name, context_len, body.get("prompt", "")[:4]))
-            return validate_completion(body, model_name, context_len, count_tokens)
-
-        assert check_request_validator(spy, hidden_seed=seed).passed
-        seen.append(calls)
+    seen = [set(inputs_seen(check_request_validator, [validate_completion], seed, summary=summary))
+            for seed in (None, *HIDDEN_SEEDS)]
     visible = seen[0]
     assert {(m, c) for m, c, _ in visible} == {("tiny", 64)}
     for calls in seen[1:]:
         assert len({(m, c) for m, c, _ in calls}) == 2  # visible pass, then the hidden one
         assert {p for _, _, p in calls} - {p for _, _, p in visible}
-
-
-def hidden_inputs(check, learners, seed) -> tuple[set, set]:
-    """Fingerprints of the arguments ``learners`` get in the visible cases of ``check``, and in
-    its hidden cases for ``seed``."""
-    calls: list = []
-
-    def spy(fn):
-        def run(*args):
-            calls.append(fingerprint(args))
-            return fn(*args)
-        return run
-
-    assert check(*map(spy, learners)).passed
-    visible = list(calls)
-    calls.clear()
-    assert check(*map(spy, learners), hidden_seed=seed).passed
-    assert calls[:len(visible)] == visible
-    return set(visible), set(calls[len(visible):])
 
 
 @pytest.mark.parametrize("check, learners", [
@@ -519,5 +466,6 @@ def hidden_inputs(check, learners, seed) -> tuple[set, set]:
     ids=["latency_metrics", "cost", "request_validator"])
 def test_hidden_cases_depend_on_the_seed(check, learners, capsys) -> None:
     """Each instructor's seed gives its own cases (beyond the hand-written ones)."""
-    (visible, a), (_, b) = (hidden_inputs(check, learners, seed) for seed in HIDDEN_SEEDS)
+    (visible, a), (_, b) = (map(set, visible_and_hidden_inputs(check, learners, seed))
+                            for seed in HIDDEN_SEEDS)
     assert a - visible and b - visible and a - visible - b and b - visible - a

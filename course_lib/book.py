@@ -184,7 +184,10 @@ def execute_notebook(nb: nbformat.NotebookNode, cwd: Path, env: dict[str, str],
     """
     from nbclient import NotebookClient
 
+    from course_lib.grading.notebook_runner import CurrentEnvKernelManager
+
     client = NotebookClient(nb, timeout=timeout, kernel_name=KERNEL_NAME,
+                            kernel_manager_class=CurrentEnvKernelManager,
                             resources={"metadata": {"path": str(cwd)}},
                             extra_arguments=["--log-level=ERROR"])  # not ipykernel's TCP warning
     try:

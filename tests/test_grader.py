@@ -118,7 +118,7 @@ def test_chapter_of_a_notebook_name() -> None:
     assert chapter_of(Path("notes.ipynb")) is None and chapter_of(Path("012.ipynb")) is None
 
 
-def test_find_submissions(tmp_path) -> None:
+def test_find_submissions(tmp_path, monkeypatch) -> None:
     nb = nbformat.v4.new_notebook()
     for path in ("ann/week1/01_quantization_math.ipynb", "ann/01-copy.ipynb", "ann/x.ipynb",
                  "ben/06_paged_attention.ipynb", "ben/.ipynb_checkpoints/06_paged_attention.ipynb"):
@@ -130,7 +130,9 @@ def test_find_submissions(tmp_path) -> None:
                                      tmp_path / "ann/week1/01_quantization_math.ipynb"}
     assert len(subs["ann"].ignored) == 2  # the second chapter-1 notebook, and x.ipynb
     assert list(subs["ben"].notebooks) == ["06_paged_attention"]  # checkpoints are skipped
-    single = find_submissions(tmp_path / "ben" / "06_paged_attention.ipynb")
+    monkeypatch.chdir(tmp_path)  # a relative path is resolved (each notebook runs elsewhere)
+    single = find_submissions(Path("ben") / "06_paged_attention.ipynb")
+    assert single[0].notebooks["06_paged_attention"] == tmp_path / "ben/06_paged_attention.ipynb"
     assert [(s.student, list(s.notebooks)) for s in single] == [("ben", ["06_paged_attention"])]
     with pytest.raises(ValueError, match="does not exist"):
         find_submissions(tmp_path / "nobody")

@@ -96,12 +96,13 @@ def _submission(student: str, paths: Iterable[Path], root: Path) -> Submission:
 
 
 def find_submissions(path: Path) -> list[Submission]:
-    """Students and their notebooks: a notebook, a student's folder, or a folder of folders."""
-    path = Path(path)
+    """Students and their notebooks (absolute paths): a notebook, a student's folder, or a
+    folder of folders."""
+    path = Path(path).resolve()
     if path.is_file():
         if path.suffix != ".ipynb":
             raise ValueError(f"{path} is not a notebook (.ipynb)")
-        return [_submission(path.parent.name or path.stem, [path], path.parent)]
+        return [_submission(path.parent.name, [path], path.parent)]
     if not path.is_dir():
         raise ValueError(f"{path} does not exist")
     students = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")
@@ -110,7 +111,7 @@ def find_submissions(path: Path) -> list[Submission]:
     if not students:
         if not direct:
             raise ValueError(f"no notebooks (.ipynb) found in {path}")
-        return [_submission(path.resolve().name, direct, path)]
+        return [_submission(path.name, direct, path)]
     subs = [_submission(p.name, _notebooks_under(p), p) for p in students]
     if direct:  # loose notebooks next to student folders: say so rather than guess whose
         subs[0].ignored.extend(f"{p.name}: a notebook outside any student folder" for p in direct)
@@ -146,7 +147,7 @@ def grade_notebook(path: Path, chapter: str, settings: GradeSettings) -> dict:
     task_ids = tasks_of(chapter)
     with tempfile.TemporaryDirectory(prefix="course-grade-") as tmp:
         out = Path(tmp) / "report.json"
-        cmd = [sys.executable, "-m", "course_lib.grading.notebook_runner", str(path),
+        cmd = [sys.executable, "-m", "course_lib.grading.notebook_runner", str(Path(path).resolve()),
                "--tasks", *task_ids, "--out", str(out), "--cell-timeout", str(settings.cell_timeout),
                "--timeout", str(settings.timeout), "--memory-gb", str(settings.memory_gb)]
         if settings.hidden_seed is not None:
@@ -302,7 +303,7 @@ def print_summary(record: dict) -> None:
     chapters = sorted({c["chapter"] for c in record["checks"].values()})
     title = "grades" + (f" (hidden cases, seed {record['hidden_seed']})" if record["hidden"] else "")
     table = Table(title=title)
-    table.add_column("student")
+    table.add_column("student", overflow="fold")
     for chapter in chapters:
         table.add_column(chapter[:2], justify="right")
     table.add_column("total", justify="right")

@@ -56,7 +56,9 @@ class _CurrentEnvSpecs(KernelSpecManager):
         return super().get_kernel_spec(kernel_name)
 
 
-class _CurrentEnvKernelManager(AsyncKernelManager):
+class CurrentEnvKernelManager(AsyncKernelManager):
+    """nbclient's kernel manager, with "python3" pinned to this interpreter."""
+
     @default("kernel_spec_manager")
     def _kernel_spec_manager_default(self) -> KernelSpecManager:
         return _CurrentEnvSpecs(data_dir=self.data_dir)
@@ -103,10 +105,11 @@ class _Kernel:
         self.workdir = workdir
         self.reply: dict | None = None
         self.client = NotebookClient(
-            nb, kernel_name="python3", kernel_manager_class=_CurrentEnvKernelManager,
+            nb, kernel_name="python3", kernel_manager_class=CurrentEnvKernelManager,
             allow_errors=True, interrupt_on_timeout=True, startup_timeout=120,
             error_on_timeout={"ename": TIMEOUT_ENAME, "evalue": "", "traceback": []},
-            on_cell_executed=self._keep_reply, record_timing=False)
+            on_cell_executed=self._keep_reply, record_timing=False,
+            extra_arguments=["--log-level=ERROR"])  # not ipykernel's TCP warning
         self._context = None
 
     def _keep_reply(self, cell, cell_index, execute_reply) -> None:

@@ -173,6 +173,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--context", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--quick", action="store_true", help="batch 1 and 32 at context 2048 only")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
     args = parser.parse_args()
     if args.quick:
         args.batch, args.context = [1, TARGET["batch"]], [TARGET["context"]]
@@ -185,9 +186,9 @@ def main() -> None:
                        f"fp16, block {BLOCK_SIZE})",
               "machine": runtime.machine_description(), "device": str(runtime.get_device()),
               "torch": torch.__version__, "triton_mode": runtime.triton_mode(),
-              "settings": {**vars(args), "heads": HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK_SIZE,
+              "settings": {**vars(args), "out": str(args.out) if args.out else None, "heads": HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK_SIZE,
                            "dtype": str(DTYPE)}, **body}
-    runtime.write_result("paged_attention", result, RESULTS)
+    runtime.write_result("paged_attention", result, RESULTS, args.out)
     if body.get("all_ok") is False:
         raise SystemExit("kernel check FAILED")
 

@@ -182,6 +182,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 256], help="values of M")
     parser.add_argument("--quick", action="store_true", help="first shape only")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
     args = parser.parse_args()
 
     runtime.seed_everything(0)
@@ -190,8 +191,8 @@ def main() -> None:
               "claim": "M=1: W4A16 >= 3x over fp16 and >= 75% of copy bandwidth; W8A16 >= 1.7x",
               "machine": runtime.machine_description(), "device": str(runtime.get_device()),
               "torch": torch.__version__, "triton_mode": runtime.triton_mode(),
-              "settings": vars(args), **body}
-    runtime.write_result("quant_kernels", result, RESULTS)
+              "settings": {**vars(args), "out": str(args.out) if args.out else None}, **body}
+    runtime.write_result("quant_kernels", result, RESULTS, args.out)
     if body.get("all_ok") is False:
         raise SystemExit("kernel check FAILED")
 

@@ -66,23 +66,28 @@ def run_model(name: str, args) -> dict:
     eval_ids = encode(tokenizer, test)[: args.eval_tokens or None]
     configs = DEFAULT_CONFIGS
     if args.quick:
-        configs = [c for c in DEFAULT_CONFIGS if c.group_size == 128]
+        configs = [c for c in configs if c.group_size == 128]
+    if args.no_act_order:
+        configs = [c for c in configs if not c.act_order]
     start = time.perf_counter()
     rows = quality_sweep(model, eval_ids, calibration, configs, progress=not args.no_progress)
     checks = targets(rows)
     print(f"\n## {actual} ({dataset}, {eval_ids.numel()} eval tokens, calibration "
           f"{args.n_samples} x {seq_len}, seed {args.seed})\n")
     print(quality_table(rows))
+    measured = {(r.method, r.precision) for r in rows}
+    gaps = {}
     for precision in TARGET_PRECISIONS:
         for method in ("GPTQ", "GPTQ act-order", "AWQ"):
-            print(f"gap to FP32 closed at {precision} by {method}: {gap_closed(rows, method, precision):.0%}")
+            if (method, precision) in measured:  # act-order is skipped with --no-act-order
+                gaps[f"{method} {precision}"] = gap = gap_closed(rows, method, precision)
+                print(f"gap to FP32 closed at {precision} by {method}: {gap:.0%}")
     for claim, ok in checks.items():
         print(f"[{'met' if ok else 'NOT met'}] {claim}")
     return {"model": actual, "dataset": dataset, "eval_tokens": int(eval_ids.numel()),
             "calibration": {"n_samples": args.n_samples, "seq_len": seq_len, "seed": args.seed},
             "rows": rows_to_dicts(rows), "targets": checks,
-            "gap_closed": {f"{m} {p}": gap_closed(rows, m, p) for p in TARGET_PRECISIONS
-                           for m in ("GPTQ", "GPTQ act-order", "AWQ")},
+            "gap_closed": gaps,
             "seconds": time.perf_counter() - start}
 
 
@@ -91,23 +96,29 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["tiny", "gpt2", "gpt2-medium"],
                         help="hub names fall back to tiny offline; duplicates are measured once")
     parser.add_argument("--dataset", choices=("auto", "wikitext2", "stdlib"), default="auto")
-    parser.add_argument("--n-samples", type=int, default=64, help="calibration windows (GPTQ used 128; 64 keeps a CPU run short)")
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--eval-tokens", type=int, default=32768, help="0 = the whole test text")
+    parser.add_argument("--n-samples", type=int, default=None,
+                        help="calibration windows (default 64, --quick 32; GPTQ used 128; 64 keeps a CPU run short)")
+    parser.add_argument("--seq-len", type=int, default=None, help="calibration window length (default 512, --quick 256)")
+    parser.add_argument("--eval-tokens", type=int, default=None,
+                        help="default 32768, --quick 16384; 0 = the whole test text")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
-                        help="g128 only, 32 x 256 calibration, 16k eval tokens")
+                        help="g128 only, 32 x 256 calibration, 16k eval tokens (unless given)")
+    parser.add_argument("--no-act-order", action="store_true",
+                        help="skip GPTQ act-order (no target is stated for it)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
     args = parser.parse_args()
-    if args.quick:
-        args.n_samples, args.seq_len, args.eval_tokens = 32, 256, 16384
+    for name, full, quick in (("n_samples", 64, 32), ("seq_len", 512, 256), ("eval_tokens", 32768, 16384)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
     runtime.seed_everything(args.seed)
     names = list(dict.fromkeys(resolve(name)[0] for name in args.models))  # offline: all -> tiny, once
     results = [run_model(name, args) for name in names]
     payload = {"benchmark": "quant_quality", "machine": runtime.machine_description(),
                "torch": torch.__version__, "transformers": transformers.__version__,
-               "device": str(runtime.get_device()), "quick": args.quick, "results": results}
+               "device": str(runtime.get_device()), "quick": args.quick,
+               "settings": {**vars(args), "out": str(args.out) if args.out else None}, "results": results}
     out = runtime.write_result("quant_quality", payload, RESULTS, args.out)
     try:
         from course_lib.viz import plot_quant_quality

@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--target", default=None, help="default: course_lib.models.hub.default_pair()")
     parser.add_argument("--draft", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -251,7 +252,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "pair": pair,
         "ours_runs_on": "course_lib.models.gpt.GPT copies of the HF models (one row on the HF models)",
-        "settings": vars(args),
+        "settings": {**vars(args), "out": str(args.out) if args.out else None},
         "prompts": texts,
         "cost_ratio_course_gpt": c,
         "cost_ratio_hf": c_hf,
@@ -261,7 +262,7 @@ def main() -> None:
         "best": best["method"],
         "claim_met": claim_met,
     }
-    runtime.write_result("speculative", result, RESULTS)
+    runtime.write_result("speculative", result, RESULTS, args.out)
 
 
 if __name__ == "__main__":

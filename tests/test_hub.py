@@ -20,14 +20,18 @@ def fresh_log(monkeypatch):
 
 
 def test_unknown_name_lists_choices():
-    with pytest.raises(ValueError, match=r"unknown model 'gpt3'; choose one of: tiny, tiny-draft, gpt2, gpt2-medium"):
+    with pytest.raises(ValueError, match=r"unknown model 'gpt3'; choose one of: tiny, tiny-draft, smollm2-135m, gpt2, gpt2-medium"):
         hub.load_model("gpt3")
     with pytest.raises(ValueError, match="unknown role"):
         hub.resolve("gpt2", role="teacher")
 
 
 @pytest.mark.parametrize("name, role, expected", [("gpt2", "target", "tiny"), ("gpt2-xl", "target", "tiny"),
-                                                  ("distilgpt2", "draft", "tiny-draft"), ("tiny", "target", "tiny")])
+                                                  ("distilgpt2", "draft", "tiny-draft"), ("tiny", "target", "tiny"),
+                                                  ("smollm2-360m", "target", "smollm2-135m"),
+                                                  ("qwen2.5-0.5b", "draft", "smollm2-135m"),
+                                                  ("llama-3.2-1b", "target", "smollm2-135m"),
+                                                  ("smollm2-135m", "target", "smollm2-135m")])
 def test_offline_resolution(monkeypatch, name, role, expected):
     monkeypatch.setenv("COURSE_OFFLINE", "1")
     actual, reason = hub.resolve(name, role)
@@ -41,6 +45,33 @@ def test_unreachable_hub_falls_back(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
     assert hub.resolve("gpt2") == ("tiny", f"{hub.HUB_URL} is not reachable")
+    assert hub.resolve("smollm2-1.7b") == ("smollm2-135m", f"{hub.HUB_URL} is not reachable")
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: True)
+    assert hub.resolve("qwen2.5-0.5b") == ("qwen2.5-0.5b", "downloaded from the Hugging Face hub")
+    assert hub.resolve("smollm2-135m")[0] == "smollm2-135m"  # always the bundled file
+
+
+def test_families_and_tokenizers():
+    assert [hub.family(n) for n in ("tiny", "gpt2", "smollm2-135m", "qwen2.5-0.5b")] == \
+        ["gpt2", "gpt2", "llama", "llama"]
+    assert hub.tokenizer_group("smollm2-1.7b") == hub.tokenizer_group("smollm2-135m")
+    assert hub.tokenizer_group("qwen2.5-0.5b") != hub.tokenizer_group("smollm2-135m")
+    assert hub.HUB_MODELS["smollm2-360m"].repo == "HuggingFaceTB/SmolLM2-360M-Instruct"
+
+
+def test_llama_name_offline_loads_smollm2_and_says_so(monkeypatch, capsys, smollm2):
+    monkeypatch.setenv("COURSE_OFFLINE", "1")
+    model, tok = hub.load_model("qwen2.5-0.5b", device="cpu")
+    assert "'qwen2.5-0.5b' unavailable (offline mode" in capsys.readouterr().err
+    assert model.course_name == "smollm2-135m" and model.config.model_type == "llama"
+    assert tok.eos_token == "<|im_end|>"
+
+
+def test_pair_that_cannot_share_a_tokenizer_falls_back_to_tiny(monkeypatch, capsys):
+    monkeypatch.setenv("COURSE_OFFLINE", "1")
+    target, draft, _ = hub.load_pair("smollm2-1.7b", "smollm2-360m", device="cpu")  # both -> 135m
+    assert (target.course_name, draft.course_name) == ("tiny", "tiny-draft")
+    assert "cannot share a tokenizer" in capsys.readouterr().err
 
 
 def test_load_model_says_which_model_once(monkeypatch, capsys):
@@ -48,7 +79,7 @@ def test_load_model_says_which_model_once(monkeypatch, capsys):
     model, tok = hub.load_model("gpt2", device="cpu")
     model2, _ = hub.load_model("gpt2", device="cpu")
     err = capsys.readouterr().err
-    assert err.count("using the bundled 'tiny'") == 1
+    assert err.count("using the offline 'tiny'") == 1
     assert model.course_name == "tiny" and "offline" in model.course_source
     assert model.dtype == torch.float32 and not model.training
     assert model.config.n_positions >= 512

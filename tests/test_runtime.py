@@ -30,8 +30,32 @@ def test_cuda_request_without_cuda(monkeypatch):
 
 @pytest.mark.parametrize("value, expected", [("1", True), ("true", True), ("0", False), ("", False)])
 def test_fast_flag(monkeypatch, value, expected):
+    monkeypatch.delenv("COURSE_MODE", raising=False)
     monkeypatch.setenv("COURSE_FAST", value)
     assert runtime.is_fast() is expected
+
+
+@pytest.mark.parametrize("fast, mode, cuda, expected", [
+    ("", "", False, "cpu"),          # the default without CUDA
+    ("", "", True, "full"),          # the default with CUDA
+    ("1", "", True, "fast"),         # COURSE_FAST=1 is an alias for fast, even on a GPU
+    ("1", "full", False, "full"),    # COURSE_MODE decides first
+    ("", "CPU", True, "cpu"),        # case-insensitive
+])
+def test_course_mode(monkeypatch, fast, mode, cuda, expected):
+    monkeypatch.setenv("COURSE_FAST", fast)
+    monkeypatch.setenv("COURSE_MODE", mode)
+    monkeypatch.setattr(runtime, "has_cuda", lambda: cuda)
+    assert runtime.course_mode() == expected
+    assert runtime.is_fast() is (expected == "fast")
+    assert runtime.by_mode(fast="f", cpu="c", full="F") == {"fast": "f", "cpu": "c", "full": "F"}[expected]
+    assert runtime.describe_mode().startswith(f"course mode: {expected} (")
+
+
+def test_course_mode_rejects_unknown(monkeypatch):
+    monkeypatch.setenv("COURSE_MODE", "turbo")
+    with pytest.raises(ValueError, match=r"COURSE_MODE='turbo' is not a mode; use one of fast, cpu, full"):
+        runtime.course_mode()
 
 
 def _python(code: str, **env) -> str:

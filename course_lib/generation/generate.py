@@ -263,10 +263,11 @@ def decode_flops(config, prompt_len: int, new_tokens: int, cached: bool,
                  batch: int = 1) -> DecodeFlops:
     """Analytic FLOPs of generating ``new_tokens`` after a ``prompt_len`` prompt, one loop.
 
-    Per token fed, each of L layers does 2·(d·3d + d·d + 2·d·d_ff) FLOPs in its linear layers
-    (d_ff = 4d for GPT-2) and lm_head 2·d·V: what ``model(ids)`` computes, since both the
-    course's GPT and HF's return logits for every position fed. Per causal (query, key) pair and
-    layer, attention does 2·d for Q·K and 2·d for A·V (summed over heads).
+    Per token fed, each of L layers does 2 FLOPs per weight of its linear layers (GPT-2:
+    d·3d + d·d + 2·d·d_ff with d_ff = 4d; LLaMA: q and o d·(H·hd) each, k and v d·(Hkv·hd)
+    each, SwiGLU 3·d·d_ff) and lm_head 2·d·V: what ``model(ids)`` computes, since both the
+    course's models and HF's return logits for every position fed. Per causal (query, key) pair
+    and layer, attention does 2·H·hd for Q·K and 2·H·hd for A·V (summed over query heads).
 
     - no cache: step s (0 <= s < n) feeds the P + s tokens of the sequence so far;
     - cache: step 0 feeds the P prompt tokens (prefill), step s >= 1 feeds one token after
@@ -277,11 +278,15 @@ def decode_flops(config, prompt_len: int, new_tokens: int, cached: bool,
     if prompt_len < 1 or new_tokens < 1 or batch < 1:
         raise ValueError(f"prompt_len, new_tokens and batch must be >= 1, got {prompt_len}, "
                          f"{new_tokens} and {batch}")
-    n_layer = getattr(config, "n_layer", None) or config.num_hidden_layers
+    n_layer, kv_heads, head_dim = kv_shape(config)
     d = getattr(config, "n_embd", None) or config.hidden_size
-    d_ff = getattr(config, "n_inner", None) or 4 * d
-    per_token = n_layer * 2 * (3 * d * d + d * d + 2 * d * d_ff) + 2 * d * config.vocab_size
-    per_pair = n_layer * 4 * d
+    q_dim = (getattr(config, "n_head", None) or config.num_attention_heads) * head_dim
+    llama = hasattr(config, "intermediate_size")  # LLaMA family: GQA and a SwiGLU MLP
+    d_ff = config.intermediate_size if llama else (getattr(config, "n_inner", None) or 4 * d)
+    attn_weights = 2 * d * q_dim + 2 * d * kv_heads * head_dim
+    mlp_weights = (3 if llama else 2) * d * d_ff
+    per_token = n_layer * 2 * (attn_weights + mlp_weights) + 2 * d * config.vocab_size
+    per_pair = n_layer * 4 * q_dim
     if cached:
         forwards = [(prompt_len, 0)] + [(1, prompt_len + s - 1) for s in range(1, new_tokens)]
     else:

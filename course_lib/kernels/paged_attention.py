@@ -118,7 +118,7 @@ def paged_decode_attention_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     padded to the longest context and masks the padding. One call instead of one per sequence
     wins when the contexts are of similar length; with very unequal ones the padding costs more
     than it saves, so the model only takes this path when padding at most doubles the keys read
-    (see :meth:`course_lib.models.gpt.CausalSelfAttention._paged`). No checks: the engine built
+    (see :func:`course_lib.models.attention.paged_attention`). No checks: the engine built
     the inputs. ``q`` [B, H, D] -> [B, H, D].
     """
     B, H, D = q.shape

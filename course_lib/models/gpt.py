@@ -13,6 +13,8 @@ The KV cache is pluggable: pass ``cache=None`` to recompute everything (what the
 the new tokens of many sequences side by side, their K/V go to a paged cache by slot mapping and
 each sequence attends to its own blocks. ``attention_mask`` (1 = token, 0 = padding, HF's
 convention) lets a left-padded batch share one contiguous cache (the static-batching baseline).
+The caches and both ways of attending live in :mod:`course_lib.models.attention`, shared with the
+LLaMA family (:mod:`course_lib.models.llama`).
 """
 
 from __future__ import annotations
@@ -21,23 +23,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from course_lib.models.attention import ContiguousKVCache, causal_attention, paged_attention
 from course_lib.models.paged import PagedAttentionMetadata
 
 #: HF GPT-2 weights stored by Conv1D as [in, out]; transposed into nn.Linear's [out, in].
 _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
-
-
-#: The torch (CPU) decode path pads a batch of decodes to its longest context and runs one
-#: masked SDPA call when that reads at most ``PADDED_DECODE_MAX_WASTE`` times the keys actually
-#: needed and at most ``PADDED_DECODE_MAX_KEYS`` keys in all; else one unmasked call per
-#: sequence. On a 2-core CPU with the tiny model, padding won for a few short contexts and lost
-#: badly on long ones (the masked call is slower than per-sequence fused attention there), hence
-#: the key cap; see the issue 7 note for that A/B.
-PADDED_DECODE_MAX_WASTE = 2.0
-PADDED_DECODE_MAX_KEYS = 1024
 
 @dataclass
 class GPTConfig:
@@ -58,46 +50,15 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    @property
+    def n_kv_head(self) -> int:
+        """Key/value heads: GPT-2 has one per query head (what a GQA model shares)."""
+        return self.n_head
+
     @classmethod
     def from_hf(cls, hf_config) -> GPTConfig:
         """Build from a ``transformers.GPT2Config`` (or anything with the same attributes)."""
         return cls(**{f: getattr(hf_config, f) for f in cls.__dataclass_fields__})
-
-
-class ContiguousKVCache:
-    """Keys and values of every layer in preallocated [batch, heads, max_len, head_dim] tensors.
-
-    ``length`` counts the cached positions; the model writes the new tokens' keys and values at
-    ``length`` and advances it once per forward pass. ``truncate`` rolls it back (speculative
-    decoding discards rejected draft tokens this way).
-    """
-
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int | None = None,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        self.max_len = max_len or config.n_positions
-        shape = (config.n_layer, batch_size, config.n_head, self.max_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k``/``v`` ([B, H, T, D]) after the cached positions; return all keys/values."""
-        start, end = self.length, self.length + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; asked to fill up to {end}")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def truncate(self, length: int) -> None:
-        """Forget every position from ``length`` on."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"truncate length must be in [0, {self.length}], got {length}")
-        self.length = length
-
-    def nbytes(self) -> int:
-        """Bytes allocated for keys and values (the whole preallocated buffer)."""
-        return self.k.numel() * self.k.element_size() * 2
 
 
 class CausalSelfAttention(nn.Module):
@@ -112,59 +73,15 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         if isinstance(cache, PagedAttentionMetadata):
-            return self.c_proj(self._paged(q, k, v, cache).reshape(B, T, C))
+            q, k, v = (t.reshape(-1, self.n_head, self.head_dim) for t in (q, k, v))
+            return self.c_proj(paged_attention(q, k, v, cache, self.layer_idx).reshape(B, T, C))
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
         past = 0
         if cache is not None:
             past = cache.length
             k, v = cache.update(self.layer_idx, k, v)
-        if past == 0 and attention_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            # Query i sits at position past + i and may see keys 0 .. past + i.
-            keep = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            if attention_mask is not None:  # [B, past + T]: padding keys are never seen, but a
-                keep = keep & attention_mask[:, None, None, :].bool()  # query always sees itself
-                cols = torch.arange(past + T, device=x.device)
-                keep = keep | (cols[None, :] == cols[past:, None])
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        y = causal_attention(q, k, v, past, attention_mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
-
-    def _paged(self, q, k, v, meta: PagedAttentionMetadata) -> torch.Tensor:
-        """Store the new K/V by slot mapping, then attend over each sequence's blocks."""
-        from course_lib.kernels.paged_attention import (
-            paged_decode_attention,
-            paged_decode_attention_padded,
-            paged_prefill_attention,
-            store_kv,
-        )
-
-        q, k, v = (t.reshape(-1, self.n_head, self.head_dim) for t in (q, k, v))
-        k_cache, v_cache = meta.cache.k[self.layer_idx], meta.cache.v[self.layer_idx]
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping, backend=meta.backend, validate=False)
-        # Decodes (one token each, first in the batch) go to the flash-decoding kernel. The torch
-        # path batches short ones into one padded SDPA call (PADDED_DECODE_MAX_*); otherwise it
-        # serves them one sequence at a time over their own blocks (below).
-        d = meta.num_decodes
-        parts = []
-        if d and meta.backend == "torch":
-            lens = meta.context_lens[:d]
-            padded = d * int(lens.max())
-            if d == 1 or padded > PADDED_DECODE_MAX_WASTE * int(lens.sum()) \
-                    or padded > PADDED_DECODE_MAX_KEYS:
-                d = 0
-            else:
-                parts.append(paged_decode_attention_padded(q[:d], k_cache, v_cache,
-                                                           meta.block_tables[:d], lens))
-        elif d:
-            parts.append(paged_decode_attention(q[:d], k_cache, v_cache, meta.block_tables[:d],
-                                                meta.context_lens[:d], backend=meta.backend,
-                                                validate=False))  # built by us: no GPU syncs
-        if d < len(meta.query_lens):  # prompts and prompt chunks: causal attention in torch
-            parts.append(paged_prefill_attention(q[d:], k_cache, v_cache, meta.block_tables[d:],
-                                                 meta.context_lens[d:], meta.query_lens[d:],
-                                                 validate=False))
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 class MLP(nn.Module):

@@ -35,15 +35,17 @@ class PagedKVCache:
 
     @classmethod
     def for_model(cls, model, num_blocks: int, block_size: int = 16) -> PagedKVCache:
-        """A paged cache shaped for ``model`` (a :class:`course_lib.models.gpt.GPT`)."""
-        c, w = model.config, model.transformer.wte.weight
+        """A paged cache shaped for ``model`` (:class:`~course_lib.models.gpt.GPT` or
+        :class:`~course_lib.models.llama.Llama`), in its dtype and on its device."""
+        c, w = model.config, next(model.parameters())
+        # The paged cache stores K/V repeated per query head until the kernels take GQA.
         return cls(c.n_layer, num_blocks, block_size, c.n_head, c.head_dim, w.dtype, w.device)
 
     @staticmethod
     def bytes_per_block(model, block_size: int = 16) -> int:
         """Bytes one block takes across all layers (keys and values)."""
-        c, w = model.config, model.transformer.wte.weight
-        return 2 * c.n_layer * block_size * c.n_embd * w.element_size()
+        c, w = model.config, next(model.parameters())
+        return 2 * c.n_layer * block_size * c.n_head * c.head_dim * w.element_size()
 
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()

@@ -109,7 +109,7 @@ nbval: $(DEV_STAMP) ## run every notebook in notebooks/ and solutions/ (fast mod
 ifeq ($(NOTEBOOK_FILES),)
 	@echo "nbval: no notebooks in notebooks/ or solutions/ yet"
 else
-	COURSE_FAST=1 COURSE_OFFLINE=1 $(BIN)/pytest -q --nbval-lax --nbval-current-env -p no:cacheprovider notebooks solutions
+	COURSE_MODE=fast COURSE_OFFLINE=1 $(BIN)/pytest -q --nbval-lax --nbval-current-env -p no:cacheprovider notebooks solutions
 endif
 
 # GPU job: needs CUDA (a CUDA build of torch and an NVIDIA driver).  Runs the gpu-marked tests

@@ -143,8 +143,9 @@ def read_chapters(paths: Sequence[Path]) -> list[Chapter]:
 
 
 def default_fast() -> bool:
-    """Fast mode unless a CUDA GPU is present; ``COURSE_FAST`` in the environment decides first."""
-    if os.environ.get("COURSE_FAST", "").strip():
+    """Fast mode unless a CUDA GPU is present; ``COURSE_MODE`` or ``COURSE_FAST`` in the
+    environment decides first."""
+    if os.environ.get("COURSE_FAST", "").strip() or os.environ.get("COURSE_MODE", "").strip():
         from course_lib.runtime import is_fast
 
         return is_fast()
@@ -158,9 +159,11 @@ def kernel_env(fast: bool, offline: bool = True, base: dict[str, str] | None = N
     env = dict(os.environ if base is None else base)
     env["MPLBACKEND"] = INLINE_BACKEND
     if fast:
-        env["COURSE_FAST"] = "1"
+        env["COURSE_FAST"], env["COURSE_MODE"] = "1", "fast"
     else:
         env.pop("COURSE_FAST", None)
+        if env.get("COURSE_MODE", "").strip().lower() == "fast":
+            env.pop("COURSE_MODE")
     if offline:
         env["COURSE_OFFLINE"] = "1"
     return env

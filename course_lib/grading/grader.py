@@ -42,6 +42,7 @@ from course_lib.grading.notebook_runner import error_result
 #: Environment of every graded notebook: fast mode, no network, no GUI, reproducible hashing.
 GRADING_ENV = {
     "COURSE_FAST": "1",
+    "COURSE_MODE": "fast",
     "COURSE_OFFLINE": "1",
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",

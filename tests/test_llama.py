@@ -273,3 +273,15 @@ def test_smollm2_logits_and_cached_decoding_match_hf(smollm2):
         steps = [ours(ids[:, t:t + 1], cache)[:, -1] for t in range(ids.shape[1] - 3, ids.shape[1])]
     torch.testing.assert_close(torch.stack([prefix, *steps[:-1]], 1), full[:, -4:-1], atol=1e-4, rtol=0)
     assert cache.k.shape[2] == 3  # SmolLM2's 3 KV heads, not its 9 query heads
+
+
+def test_course_generation_loops_run_on_smollm2(smollm2):
+    """The chapter-4 loops take HF LLaMA models and ours alike, and agree token for token."""
+    from course_lib.generation.generate import generate_no_cache, generate_with_cache
+
+    hf, tok = smollm2
+    ours = Llama.from_hf(hf)
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    ref = hf.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)[:, ids.shape[1]:]
+    for model, loop in [(hf, generate_with_cache), (ours, generate_with_cache), (ours, generate_no_cache)]:
+        assert torch.equal(loop(model, ids, 6).tokens, ref), (type(model).__name__, loop.__name__)

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from course_lib.models.families import context_length
+
 PROTOCOLS = ("stride", "gptq")
 
 
@@ -51,8 +53,7 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _context_length(model) -> int:
-    config = model.config
-    return getattr(config, "n_positions", None) or config.max_position_embeddings
+    return context_length(model.config)
 
 
 def _device(model) -> torch.device:

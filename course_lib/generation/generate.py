@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from course_lib.generation.sampling import check_sampling_args, next_token
+from course_lib.models.families import context_length
 
 # --------------------------------------------------------------------------------------------
 # The two loops
@@ -81,7 +82,7 @@ def hf_cache_kwarg(model: torch.nn.Module) -> str:
 
 
 def _is_course_gpt(model: torch.nn.Module) -> bool:
-    return hasattr(model, "new_cache")  # course_lib.models.gpt.GPT
+    return hasattr(model, "new_cache")  # course_lib.models: GPT or Llama
 
 
 def _check_args(model, prompt_ids, max_new_tokens, temperature, top_k, top_p) -> torch.Tensor:
@@ -93,12 +94,12 @@ def _check_args(model, prompt_ids, max_new_tokens, temperature, top_k, top_p) ->
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] < 1:
         raise ValueError(f"prompt_ids must be token ids [batch, tokens] with at least one token, "
                          f"got shape {tuple(prompt_ids.shape)}")
-    context = model.config.n_positions
+    context = context_length(model.config)
     if prompt_ids.shape[1] + max_new_tokens > context:
         raise ValueError(
             f"prompt of {prompt_ids.shape[1]} tokens + max_new_tokens={max_new_tokens} = "
             f"{prompt_ids.shape[1] + max_new_tokens} exceeds the model's context of {context} "
-            f"positions (config.n_positions); at most {context - prompt_ids.shape[1]} new tokens fit"
+            f"positions; at most {context - prompt_ids.shape[1]} new tokens fit"
         )
     return prompt_ids
 

@@ -51,6 +51,7 @@ import torch
 from course_lib.evaluation.speed import median_seconds
 from course_lib.generation.generate import hf_cache_kwarg
 from course_lib.generation.sampling import check_sampling_args, logits_to_probs, sample
+from course_lib.models.families import context_length
 
 ADAPTIVE_MODES = (None, "chapter", "hf")
 
@@ -393,7 +394,7 @@ class SpeculativeDecoder:
                              "put both on the same device")
         self.target, self.draft, self.k, self.adaptive = target, draft, k, adaptive
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        self.context = min(_config(target).n_positions, _config(draft).n_positions)
+        self.context = min(context_length(_config(target)), context_length(_config(draft)))
 
     def _probs(self, logits: torch.Tensor) -> torch.Tensor:
         return logits_to_probs(logits, self.temperature, self.top_k, self.top_p)

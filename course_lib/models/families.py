@@ -16,3 +16,9 @@ def from_hf(hf_model) -> GPT | Llama:
         raise ValueError(f"model_type {model_type!r} is not supported; supported: "
                          f"{', '.join(FAMILIES)}")
     return FAMILIES[model_type].from_hf(hf_model)
+
+
+def context_length(config) -> int:
+    """Longest sequence a model accepts, from any course or HF config (GPT-2: ``n_positions``,
+    LLaMA family: ``max_position_embeddings``)."""
+    return getattr(config, "n_positions", None) or config.max_position_embeddings

@@ -76,7 +76,7 @@ def cached_keys(cache) -> list[torch.Tensor]:
 @torch.no_grad()
 def fresh_keys(model, ids: torch.Tensor) -> list[torch.Tensor]:
     """Keys of a fresh prefill of ``ids``: what a cache of len(ids) positions must hold."""
-    if isinstance(model, GPT):
+    if hasattr(model, "new_cache"):  # the course's GPT or Llama
         cache = model.new_cache(1, ids.shape[1])
         model(ids, cache)
         return cached_keys(cache)
@@ -483,3 +483,28 @@ def test_measure_cost_ratio_small_draft_is_cheaper() -> None:
     small = random_gpt(1, n_embd=16, n_layer=1, n_head=2)
     assert 0 < spec.measure_cost_ratio(big, small, prompt_len=8, calls=8, repeats=3) < 1
     assert spec.measure_verify_cost(small, k=3, prompt_len=8, calls=8, repeats=3) > 0
+
+
+def test_greedy_matches_target_on_llama_family_pairs() -> None:
+    """A LLaMA target (HF, GQA) with an HF LLaMA draft and with our Llama draft: target's greedy."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from course_lib.models.llama import Llama
+
+    def random_llama(seed, hidden, layers, heads, kv_heads):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=101, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=48,
+            rope_theta=1000.0, tie_word_embeddings=True)).eval()
+
+    target = random_llama(0, 48, 2, 6, 2)
+    drafts = {"hf": random_llama(1, 24, 1, 3, 1), "ours": Llama.from_hf(random_llama(1, 24, 1, 3, 1))}
+    prompt = torch.tensor([[5, 17, 3, 99, 42, 8, 61]])
+    new = 48 - prompt.shape[1]  # up to the context limit
+    reference = greedy_decode(target, prompt, new)
+    for name, draft in drafts.items():
+        for k, adaptive in ((1, None), (4, "hf")):
+            result = SpeculativeDecoder(target, draft, k=k, adaptive=adaptive).generate(prompt, new)
+            assert torch.equal(result.tokens, reference), (name, k)
+            check_caches(result, target, draft, prompt.shape[1])

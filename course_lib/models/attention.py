@@ -62,6 +62,35 @@ class ContiguousKVCache:
         return self.k.numel() * self.k.element_size() * 2
 
 
+def token_positions(idx: torch.Tensor, past: int, attention_mask: torch.Tensor | None,
+                    context: int) -> torch.Tensor:
+    """Positions [1 or B, T] of the T new tokens of ``idx`` [B, T] after ``past`` cached ones.
+
+    Checked once per forward pass, for both families: the sequence must fit the ``context``,
+    and ``attention_mask`` [B, past + T] (1 = token, 0 = left padding) numbers positions from
+    each row's first real token, as HF's ``generate`` does.
+    """
+    T = idx.size(1)
+    if past + T > context:
+        raise ValueError(f"sequence of {past + T} tokens exceeds the model's context of {context}")
+    if attention_mask is None:
+        return torch.arange(past, past + T, device=idx.device)[None]
+    if attention_mask.shape != (idx.size(0), past + T):
+        raise ValueError(f"attention_mask must be [batch, past + new tokens] = "
+                         f"{[idx.size(0), past + T]}, got {list(attention_mask.shape)}")
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+
+
+def check_paged_input(idx: torch.Tensor, meta: PagedAttentionMetadata, context: int) -> None:
+    """A paged forward takes ``idx`` [1, N], N new tokens at positions below ``context``."""
+    if idx.dim() != 2 or idx.size(0) != 1 or idx.size(1) != meta.positions.numel():
+        raise ValueError(f"paged forward takes idx [1, N] with N = {meta.positions.numel()} "
+                         f"new tokens, got {list(idx.shape)}")
+    if int(meta.positions.max()) >= context:
+        raise ValueError(f"position {int(meta.positions.max())} exceeds the model's context of "
+                         f"{context}")
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int = 0,
                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of T new queries over ``past`` cached positions and themselves.

@@ -24,7 +24,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from course_lib.models.attention import ContiguousKVCache, causal_attention, paged_attention
+from course_lib.models.attention import (
+    ContiguousKVCache,
+    causal_attention,
+    check_paged_input,
+    paged_attention,
+    token_positions,
+)
 from course_lib.models.paged import PagedAttentionMetadata
 
 #: HF GPT-2 weights stored by Conv1D as [in, out]; transposed into nn.Linear's [out, in].
@@ -140,17 +146,7 @@ class GPT(nn.Module):
             return self._forward_paged(idx, cache)
         past = cache.length if cache is not None else 0
         T = idx.size(1)
-        if past + T > self.config.n_positions:
-            raise ValueError(
-                f"sequence of {past + T} tokens exceeds the model's context of {self.config.n_positions}"
-            )
-        if attention_mask is None:
-            pos = torch.arange(past, past + T, device=idx.device)
-        else:
-            if attention_mask.shape != (idx.size(0), past + T):
-                raise ValueError(f"attention_mask must be [batch, past + new tokens] = "
-                                 f"{[idx.size(0), past + T]}, got {list(attention_mask.shape)}")
-            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        pos = token_positions(idx, past, attention_mask, self.config.n_positions)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for block in self.transformer.h:
             x = block(x, cache, attention_mask)
@@ -161,12 +157,7 @@ class GPT(nn.Module):
         return self.lm_head(self.transformer.ln_f(x))
 
     def _forward_paged(self, idx: torch.Tensor, meta: PagedAttentionMetadata) -> torch.Tensor:
-        if idx.dim() != 2 or idx.size(0) != 1 or idx.size(1) != meta.positions.numel():
-            raise ValueError(f"paged forward takes idx [1, N] with N = {meta.positions.numel()} "
-                             f"new tokens, got {list(idx.shape)}")
-        if int(meta.positions.max()) >= self.config.n_positions:
-            raise ValueError(f"position {int(meta.positions.max())} exceeds the model's context of "
-                             f"{self.config.n_positions}")
+        check_paged_input(idx, meta, self.config.n_positions)
         x = self.transformer.wte(idx) + self.transformer.wpe(meta.positions)[None]
         for block in self.transformer.h:
             x = block(x, meta)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from paged_step import mixed_paged_step
 
 from course_lib.models.gpt import (
     GPT,
@@ -133,7 +134,7 @@ def test_logits_to_keep_and_left_padding_mask():
 def test_paged_mixed_step_matches_full_forward(random_hf_gpt2, decodes):
     """Decodes plus a prompt chunk in one paged step, over shuffled blocks, give each sequence's
     last-token logits of the full forward; the paged cache is sized by the model's heads."""
-    from course_lib.models.paged import PagedAttentionMetadata, PagedKVCache
+    from course_lib.models.paged import PagedKVCache
 
     ours = GPT.from_hf(random_hf_gpt2)
     assert ours.config.n_kv_head == ours.config.n_head == 4
@@ -142,14 +143,6 @@ def test_paged_mixed_step_matches_full_forward(random_hf_gpt2, decodes):
     tables = [[7, 2, 11], [0, 14, 5], [9, 3, 12]][3 - len(seqs):]
     done = [len(s) - 1 for s in seqs[:-1]] + [6]  # tokens already cached; then 1 each, and 5
     new = [1] * decodes + [5]
-    cache = PagedKVCache.for_model(ours, num_blocks=16, block_size=4)
     assert PagedKVCache.bytes_per_block(ours, 4) == 2 * 3 * 4 * 48 * 4
-    with torch.no_grad():
-        prefill = PagedAttentionMetadata.build(cache, tables, [0] * len(seqs), done, backend="torch")
-        ours(torch.tensor([sum((s[:n] for s, n in zip(seqs, done, strict=True)), [])]), prefill)
-        meta = PagedAttentionMetadata.build(cache, tables, done, new, backend="torch")
-        ids = sum((s[d : d + n] for s, d, n in zip(seqs, done, new, strict=True)), [])
-        logits = ours(torch.tensor([ids]), meta)[0]
-        for row, (s, d, n) in enumerate(zip(seqs, done, new, strict=True)):
-            torch.testing.assert_close(logits[row], ours(torch.tensor([s[: d + n]]))[0, -1],
-                                       rtol=1e-4, atol=1e-4)
+    _, step, full = mixed_paged_step(ours, seqs, tables, done, new)
+    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)

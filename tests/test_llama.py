@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from paged_step import mixed_paged_step
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -160,19 +161,11 @@ def test_paged_mixed_step_matches_full_forward(name, decodes):
     tables = [[7, 2, 11], [0, 14, 5], [9, 3, 12]][3 - len(seqs):]
     done = [len(s) - 1 for s in seqs[:-1]] + [6]  # tokens already in the cache
     new = [1] * decodes + [5]
-    cache = PagedKVCache.for_model(ours, num_blocks=16, block_size=4)
+    cache, step, full = mixed_paged_step(ours, seqs, tables, done, new)
     assert cache.k.shape == (2, 16, 4, ours.config.n_head, ours.config.head_dim)
     assert PagedKVCache.bytes_per_block(ours, 4) * 16 == cache.nbytes()
-    with torch.no_grad():
-        prefill = PagedAttentionMetadata.build(cache, tables, [0] * len(seqs), done, backend="torch")
-        ours(torch.tensor([sum((s[:n] for s, n in zip(seqs, done, strict=True)), [])]), prefill)
-        meta = PagedAttentionMetadata.build(cache, tables, done, new, backend="torch")
-        ids = sum((s[d : d + n] for s, d, n in zip(seqs, done, new, strict=True)), [])
-        logits = ours(torch.tensor([ids]), meta)[0]
-        assert logits.shape == (len(seqs), VOCAB)
-        for row, (s, d, n) in enumerate(zip(seqs, done, new, strict=True)):
-            want = ours(torch.tensor([s[: d + n]]))[0, -1]
-            torch.testing.assert_close(logits[row], want, rtol=1e-4, atol=1e-4)
+    assert step.shape == (len(seqs), VOCAB)
+    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
 
 
 def test_contiguous_cache_holds_only_kv_heads():

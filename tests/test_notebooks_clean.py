@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nbformat
@@ -61,6 +62,18 @@ def test_repo_notebooks_are_clean() -> None:
     assert not problems, "notebooks are not clean (clear outputs before committing):\n" + "\n".join(
         problems
     )
+
+
+def test_repo_notebook_cells_have_ids() -> None:
+    """nbformat 4.5 wants an id on every cell (nbformat.read adds missing ones silently, and
+    warns that this will become an error), so check the files as written."""
+    missing = []
+    for path in repo_notebooks():
+        raw = json.loads(path.read_text())
+        if (raw["nbformat"], raw["nbformat_minor"]) >= (4, 5):
+            missing += [f"{path.relative_to(REPO_ROOT)}, cell {i}" for i, cell in
+                        enumerate(raw["cells"]) if "id" not in cell]
+    assert not missing, "cells without an id (nbformat 4.5):\n" + "\n".join(missing)
 
 
 # --- the checker itself catches what it should ----------------------------------------------

@@ -68,6 +68,26 @@ def test_an_incomplete_folder_is_not_used(tmp_path, cache):
     assert len(calls) == 1 and (stale / "config.json").read_text() == "x"
 
 
+def test_a_parallel_conversion_that_finishes_first_wins(tmp_path, cache, monkeypatch):
+    """Two processes convert the same file at once (e.g. parallel grader jobs): the one that
+    renames second finds the folder complete and uses it instead of failing."""
+    model = tmp_path / "m.gguf"
+    model.write_text("x")
+    final = gguf.converted_dir(gguf.file_sha256(model))
+    real_replace = gguf.os.replace
+
+    def other_process_wins_then_replace(src, dst):
+        final.mkdir(parents=True)
+        for name in gguf.CONVERTED_FILES:
+            (final / name).write_text("winner")
+        real_replace(src, dst)  # the target is now a non-empty folder: OSError
+
+    monkeypatch.setattr(gguf.os, "replace", other_process_wins_then_replace)
+    assert gguf.convert_gguf(model, convert=_fake_convert([])) == final
+    assert (final / "config.json").read_text() == "winner"
+    assert [p.name for p in cache.iterdir()] == [final.name]  # no scratch folder left
+
+
 def test_bad_files_are_clear_errors(tmp_path, cache):
     with pytest.raises(gguf.GGUFError, match=r"GGUF file not found: .*nope.gguf"):
         gguf.convert_gguf(tmp_path / "nope.gguf")

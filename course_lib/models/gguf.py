@@ -121,11 +121,13 @@ def convert_gguf(path: str | Path, expected_sha256: str | None = None,
         if not is_complete(scratch):
             missing = [n for n in CONVERTED_FILES if not (scratch / n).is_file()]
             raise GGUFError(f"converting {path} produced no {', '.join(missing)}")
-        if final.exists():  # an incomplete folder from an older run, or another process won
-            if is_complete(final):
-                return final
-            shutil.rmtree(final)
-        os.replace(scratch, final)
+        if final.exists() and not is_complete(final):  # left by an older, failed run
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.replace(scratch, final)
+        except OSError:  # another process (e.g. a parallel grader job) renamed its copy first
+            if not is_complete(final):
+                raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return final

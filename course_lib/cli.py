@@ -41,7 +41,7 @@ def _group_size(text: str) -> int | None:
 
 def _add_quantize(sub) -> None:
     q = sub.add_parser("quantize", help="quantize a model's weights (RTN, GPTQ or AWQ) and save a checkpoint")
-    q.add_argument("--model", default="tiny", help="tiny, gpt2, gpt2-medium, ... (default: tiny)")
+    q.add_argument("--model", default="tiny", help="tiny, smollm2-135m, gpt2, gpt2-medium, ... (default: tiny)")
     q.add_argument("--method", choices=("rtn", "gptq", "awq"), default="gptq")
     q.add_argument("--bits", type=int, choices=range(2, 9), default=4, metavar="{2..8}")
     q.add_argument("--group-size", type=_group_size, default=128,

@@ -28,7 +28,8 @@ def test_from_float_weight_equals_fake_quantized_weight(bits, group_size, layout
     layer = _linear()
     q = QuantLinear.from_float(layer, bits=bits, group_size=group_size)
     assert q.layout == layout
-    scheme = "symmetric" if group_size is None else "asymmetric"
+    scheme = "symmetric" if (bits, group_size) == (8, None) else "asymmetric"  # default_scheme's rule
+    assert q.scheme == scheme
     granularity = "per_channel" if group_size is None else "per_group"
     expected = fake_quantize(layer.weight.detach(), bits=bits, scheme=scheme,
                              granularity=granularity, group_size=group_size or 128)

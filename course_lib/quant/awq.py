@@ -1,4 +1,4 @@
-"""AWQ: activation-aware weight quantization (Lin et al. 2023) for GPT-2, block by block.
+"""AWQ: activation-aware weight quantization (Lin et al. 2023), block by block, GPT-2 and LLaMA.
 
 Observation: a few input channels carry much larger activations than the rest, and the
 weights that multiply them matter most. Keeping them in fp16 would need mixed-precision
@@ -20,6 +20,18 @@ Where the ``1 / s`` goes in a GPT-2 block (every one is exact in float):
    ``ScaledActivation(act, s)`` computing ``act(x) / s`` (what llm-awq does for BLOOM / MPT /
    Falcon). It costs one elementwise division at run time.
 
+In a LLaMA-family block (llm-awq's groups; ``layerwise.LLAMA_LAYOUT``):
+
+1. ``q_proj, k_proj, v_proj`` (one shared input) = ``input_layernorm`` output: divide the
+   RMSNorm's weight by s; one ratio for the three.
+2. ``o_proj`` input = attention output: divide ``v_proj``'s output rows by s, *only when
+   v_proj is as wide as o_proj's input*. With grouped-query attention (SmolLM2: 3 KV heads for
+   9 query heads) v_proj is narrower and one v channel feeds three o_proj inputs, so this group
+   is skipped, as llm-awq does; o_proj still gets its clipping search. The report lists it.
+3. ``gate_proj, up_proj`` = ``post_attention_layernorm`` output: divide that RMSNorm by s.
+4. ``down_proj`` input = ``silu(gate) * up``, linear in ``up``: divide ``up_proj``'s output
+   rows by s. No run-time cost (SwiGLU needs no ScaledActivation).
+
 Unlike llm-awq, which inspects only ``c_proj`` for groups 2 and 4, every ratio is judged by
 the output of the *whole block* (with the other layers in float), on all calibration batches.
 """
@@ -28,7 +40,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -37,13 +49,18 @@ from tqdm.auto import tqdm
 
 from course_lib.quant.affine import check_bits, compute_qparams, dequantize, qrange, quantize_with
 from course_lib.quant.layerwise import (
-    BLOCK_LAYERS,
+    GPT2_LAYOUT,
     BlockInputs,
+    ScaleGroup,
+    block_layout,
+    block_layout_of,
     block_linears,
     capture_block_inputs,
     check_calibration_ids,
+    check_group_size,
     layer_inputs,
     run_block,
+    scale_group_applies,
     transformer_blocks,
     with_hidden,
 )
@@ -58,8 +75,8 @@ from course_lib.quant.qlinear import (
     replace_module,
 )
 
-#: The layers whose input channels AWQ scales, one scaling group each, in execution order.
-SCALE_GROUPS: tuple[str, ...] = tuple(name for group in BLOCK_LAYERS for name in group)
+#: A GPT-2 block's layers whose input channels AWQ scales, one scaling group each, in order.
+SCALE_GROUPS: tuple[str, ...] = tuple(g.layers[0] for g in GPT2_LAYOUT.scale_groups)
 
 
 class ScaledActivation(nn.Module):
@@ -112,35 +129,41 @@ def _as_list(out) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def search_scale(layer: nn.Module, x_mean_abs: torch.Tensor, forward: Callable[[], object],
-                 bits: int, group_size: int | None, scheme: str, n_grid: int = 20,
-                 target: list[torch.Tensor] | None = None,
+def search_scale(layer: nn.Module | Sequence[nn.Module], x_mean_abs: torch.Tensor,
+                 forward: Callable[[], object], bits: int, group_size: int | None, scheme: str,
+                 n_grid: int = 20, target: list[torch.Tensor] | None = None,
                  ) -> tuple[torch.Tensor, float, list[float]]:
-    """Grid-search AWQ's ratio for ``layer`` (nn.Linear or Conv1D).
+    """Grid-search AWQ's ratio for ``layer`` (nn.Linear or Conv1D), or for several layers that
+    read the same input and so share one scale (LLaMA's q/k/v, gate/up).
 
     ``forward()`` runs the inspected module (the layer itself, or its whole block) and returns
     its output (a tensor or a list of them); ``target`` is its float output (computed here when
-    None). For ratio ``i / n_grid`` the layer's weight is temporarily ``Q(W * s) / s``, i.e. what
+    None). For ratio ``i / n_grid`` each layer's weight is temporarily ``Q(W * s) / s``, i.e. what
     the folded, quantized layer computes. Returns (best scales, best ratio, MSE per ratio).
     """
     _check_n_grid(n_grid)
-    weight = linear_weight(layer)
-    original = weight.detach().clone()
+    weights = [linear_weight(m) for m in (layer if isinstance(layer, Sequence) else [layer])]
+    originals = [w.detach().clone() for w in weights]
+
+    def restore() -> None:
+        for w, original in zip(weights, originals, strict=True):
+            w.copy_(original)
+
     target = _as_list(forward()) if target is None else target
     errors: list[float] = []
     best_ratio, best_scales, best_error = None, None, float("inf")
     try:
         for i in range(n_grid):
             ratio = i / n_grid
-            s = awq_scales(x_mean_abs, ratio).to(original.device)
-            scaled = pseudo_quantize(original.float() * s, bits, group_size, scheme) / s
-            weight.copy_(scaled.to(weight.dtype))
+            s = awq_scales(x_mean_abs, ratio).to(originals[0].device)
+            for w, original in zip(weights, originals, strict=True):
+                w.copy_((pseudo_quantize(original.float() * s, bits, group_size, scheme) / s).to(w.dtype))
             errors.append(_mse(_as_list(forward()), target))
-            weight.copy_(original)
+            restore()
             if errors[-1] < best_error:
                 best_ratio, best_scales, best_error = ratio, s, errors[-1]
     finally:
-        weight.copy_(original)
+        restore()
     if best_scales is None:
         raise RuntimeError(f"AWQ scale search found no finite error (errors: {errors})")
     return best_scales, best_ratio, errors
@@ -184,31 +207,49 @@ def _scale_inputs(layer: nn.Module, s: torch.Tensor) -> None:
     w.mul_(s[None, :].to(w.device, w.dtype))
 
 
+def scale_group(block: nn.Module, group: ScaleGroup | str) -> ScaleGroup:
+    """``group`` itself, or the scale group of ``block``'s family that contains the layer named
+    ``group`` (``"attn.c_proj"``, ``"self_attn.k_proj"``: a shared input scales q, k and v)."""
+    if isinstance(group, ScaleGroup):
+        return group
+    groups = block_layout_of(block).scale_groups
+    for candidate in groups:
+        if group in candidate.layers:
+            return candidate
+    raise ValueError(f"name must be a layer of one of the block's scale groups "
+                     f"{[g.layers for g in groups]}, got {group!r}")
+
+
 @torch.no_grad()
-def apply_scale(block: nn.Module, name: str, s: torch.Tensor) -> None:
-    """In place: ``block``'s layer ``name`` (one of `SCALE_GROUPS`) gets its input channels
-    times ``s``, and 1/s is folded into the op before it; the block computes the same function."""
-    layer, s = block.get_submodule(name), s.detach().float()
-    if name in ("attn.c_attn", "mlp.c_fc"):
-        fold_channel_scales(block.ln_1 if name == "attn.c_attn" else block.ln_2, layer, s)
-    elif name == "attn.c_proj":
-        qkv, e = block.attn.c_attn, s.numel()
-        w = linear_weight(qkv)
-        w[2 * e : 3 * e].div_(s[:, None].to(w.device, w.dtype))
-        if qkv.bias is not None:
-            qkv.bias[2 * e : 3 * e].div_(s.to(qkv.bias.device, qkv.bias.dtype))
-        _scale_inputs(layer, s)
-    elif name == "mlp.c_proj":
-        act = getattr(block.mlp, "act", None)
-        if not isinstance(act, nn.Module):
-            raise ValueError("AWQ needs the MLP's activation as a module at mlp.act")
-        if isinstance(act, ScaledActivation):
-            act.scales.mul_(s.to(act.scales.device))
+def apply_scale(block: nn.Module, group: ScaleGroup | str, s: torch.Tensor) -> None:
+    """In place: the layers of ``group`` (a `ScaleGroup` or one of its layer names) get their
+    input channels times ``s``, and 1/s is folded into the op before them; the block computes
+    the same function."""
+    group, s = scale_group(block, group), s.detach().float()
+    if not scale_group_applies(block, group):
+        raise ValueError(f"cannot fold 1/s for {group.layers}: {group.prev} outputs "
+                         f"{linear_weight(block.get_submodule(group.prev)).shape[0]} channels, the "
+                         f"layers read {s.numel()} (grouped-query attention)")
+    layers = [block.get_submodule(name) for name in group.layers]
+    prev = block.get_submodule(group.prev)
+    if group.kind == "norm":
+        fold_channel_scales(prev, layers, s)
+        return
+    if group.kind == "rows":
+        w, n = linear_weight(prev), s.numel()
+        rows = slice(w.shape[0] - n, w.shape[0]) if group.rows == "v_third" else slice(0, w.shape[0])
+        w[rows].div_(s[:, None].to(w.device, w.dtype))
+        if prev.bias is not None:
+            prev.bias[rows].div_(s.to(prev.bias.device, prev.bias.dtype))
+    elif group.kind == "activation":
+        if isinstance(prev, ScaledActivation):
+            prev.scales.mul_(s.to(prev.scales.device))
         else:
-            replace_module(block, "mlp.act", ScaledActivation(act, s.to(layer.weight.device)))
-        _scale_inputs(layer, s)
+            replace_module(block, group.prev, ScaledActivation(prev, s.to(layers[0].weight.device)))
     else:
-        raise ValueError(f"name must be one of {SCALE_GROUPS}, got {name!r}")
+        raise ValueError(f"unknown scale group kind {group.kind!r}")
+    for layer in layers:
+        _scale_inputs(layer, s)
 
 
 def _output_mse(w_ref: torch.Tensor, w_hat: torch.Tensor, xs: list[torch.Tensor],
@@ -221,21 +262,6 @@ def _output_mse(w_ref: torch.Tensor, w_hat: torch.Tensor, xs: list[torch.Tensor]
         sq += float((d if out_scale is None else d * out_scale).pow(2).sum())
         n += d.numel()
     return sq / n
-
-
-def _check_group_size(blocks: nn.ModuleList, group_size: int | None) -> None:
-    if group_size is None:
-        return
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
-        raise ValueError(f"group_size must be a positive integer or None (per-channel), "
-                         f"got {group_size!r}")
-    for i, block in enumerate(blocks):
-        for name, layer in block_linears(block).items():
-            k = linear_weight(layer).shape[1]
-            if k % group_size:
-                raise ValueError(f"group_size {group_size} does not divide in_features ({k}) of "
-                                 f"transformer.h.{i}.{name}; use a divisor of {k} or None "
-                                 f"(per-channel)")
 
 
 def _search_batches(inputs: BlockInputs, search_tokens: int | None) -> int:
@@ -257,17 +283,19 @@ def awq_quantize_model(model: nn.Module, calibration_ids: torch.Tensor, bits: in
                        backend: str = "auto",
                        inplace: bool = False,
                        progress: bool = True) -> tuple[nn.Module, QuantizationReport]:
-    """AWQ-quantize every linear layer of a GPT-2's blocks (HF Conv1D or course_lib nn.Linear).
+    """AWQ-quantize every linear layer of a GPT-2's or LLaMA's blocks (Conv1D or nn.Linear).
 
     Per block: capture its layers' inputs on ``calibration_ids``; for each scaling group search
-    the ratio and fold the scales (see the module docstring); search clipping ranges (not for
-    the fused q/k/v ``c_attn``: q and k meet in ``q @ k.T``, so a per-layer output error does not
-    measure what clipping them costs, and llm-awq skips q/k likewise); then RTN each layer into a
+    the ratio and fold the scales (see the module docstring; a group whose fold is not exact,
+    LLaMA's o_proj under grouped-query attention, is skipped and listed in
+    ``report.options["unscaled"]``); search clipping ranges (not for the query and key
+    projections: q and k meet in ``q @ k.T``, so a per-layer output error does not measure what
+    clipping them costs, and llm-awq skips them likewise); then RTN each layer into a
     `QuantLinear`. The next block's inputs are the float block's outputs, as in llm-awq.
     The statistics and clipping use every calibration token; the scale search (20 block runs
     per group) replays only the first batches covering ``search_tokens`` (None = all), which
-    keeps a CPU run in minutes. Embeddings and ``lm_head`` (tied to ``wte``) stay float. Returns (model, report); the model
-    is a copy unless ``inplace``.
+    keeps a CPU run in minutes. Embeddings and a tied ``lm_head`` stay float. Returns (model,
+    report); the model is a copy unless ``inplace``.
     """
     start = time.perf_counter()
     check_bits(bits)
@@ -279,17 +307,17 @@ def awq_quantize_model(model: nn.Module, calibration_ids: torch.Tensor, bits: in
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     ids = check_calibration_ids(calibration_ids)
-    _check_group_size(transformer_blocks(model), group_size)
+    check_group_size(model, group_size)
     if not inplace:
         model = copy.deepcopy(model)
     was_training = model.training
     model.eval()
     report = QuantizationReport(bits, group_size, scheme, "awq",
                                 options={"n_grid": n_grid, "clip": clip, "search_tokens": search_tokens,
-                                         "scaled_activations": []})
+                                         "scaled_activations": [], "unscaled": []})
+    layout = block_layout(model)
     inputs = capture_block_inputs(model, ids, batch_size)
     for i, block in enumerate(tqdm(transformer_blocks(model), desc="AWQ", disable=not progress)):
-        prefix = f"transformer.h.{i}."
         layers = block_linears(block)
         xs = layer_inputs(block, inputs, list(layers))
         target = run_block(block, inputs)  # float output: the next block's input
@@ -297,32 +325,41 @@ def awq_quantize_model(model: nn.Module, calibration_ids: torch.Tensor, bits: in
         search = BlockInputs(inputs.hidden[:n_search], inputs.args[:n_search], inputs.kwargs[:n_search])
         error_rtn = {name: _output_mse(w, pseudo_quantize(w, bits, group_size, scheme), xs[name])
                      for name, w in ((n, linear_weight(m).detach()) for n, m in layers.items())}
-        ratios, out_scales = {}, {}
-        for name in SCALE_GROUPS:
-            s, ratios[name], _ = search_scale(layers[name], activation_mean_abs(xs[name]),
-                                              partial(run_block, block, search), bits, group_size,
-                                              scheme, n_grid, target=target[:n_search])
-            apply_scale(block, name, s)
-            xs[name] = [x / s.to(x.device, x.dtype) for x in xs[name]]
-            if name == "attn.c_proj":  # c_attn's v-columns now output v / s
-                out_scales["attn.c_attn"] = torch.cat([torch.ones_like(s).repeat(2), s])
-        report.options["scaled_activations"].append(prefix + "mlp.act")
+        ratios: dict[str, float | None] = dict.fromkeys(layers)
+        out_scales: dict[str, torch.Tensor] = {}
+        for group in layout.scale_groups:
+            if not scale_group_applies(block, group):
+                report.options["unscaled"].append(layout.full_name(i, "/".join(group.layers)))
+                continue
+            s, ratio, _ = search_scale([layers[n] for n in group.layers],
+                                       activation_mean_abs(xs[group.layers[0]]),
+                                       partial(run_block, block, search), bits, group_size,
+                                       scheme, n_grid, target=target[:n_search])
+            apply_scale(block, group, s)
+            for name in group.layers:
+                ratios[name] = ratio
+                xs[name] = [x / s.to(x.device, x.dtype) for x in xs[name]]
+            if group.kind == "rows":  # prev's output rows are now divided by s
+                rows = s if group.rows == "all" else torch.cat([torch.ones_like(s).repeat(2), s])
+                out_scales[group.prev] = rows
+            elif group.kind == "activation":
+                report.options["scaled_activations"].append(layout.full_name(i, group.prev))
         for name, layer in layers.items():
             w = linear_weight(layer)
             scaled = w.detach().clone()
-            if clip and name != "attn.c_attn":
+            if clip and name not in layout.query_key:
                 max_val = search_clip(w, torch.cat(xs[name]), bits, group_size, scheme, n_grid)
                 grouped = w.detach().float().reshape(w.shape[0], max_val.shape[1], -1)
                 bound = max_val[..., None]
                 w.copy_(torch.clamp(grouped, -bound, bound).reshape(w.shape))
             quantized = QuantLinear.from_float(layer, bits, group_size, scheme, backend)
             report.layer_log.append({
-                "layer": prefix + name, "ratio": ratios[name], "error_rtn": error_rtn[name],
+                "layer": layout.full_name(i, name), "ratio": ratios[name], "error_rtn": error_rtn[name],
                 "error_awq": _output_mse(scaled, quantized.dequantized_weight(), xs[name],
                                          out_scales.get(name)),
             })
             replace_module(block, name, quantized)
-            report.replaced.append(prefix + name)
+            report.replaced.append(layout.full_name(i, name))
         inputs = with_hidden(inputs, target)
     report.kept = [n for n, m in model.named_modules() if is_linear_like(m)]
     model.train(was_training)

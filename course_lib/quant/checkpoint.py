@@ -31,7 +31,9 @@ CONFIG_FILE = "quant_config.json"
 WEIGHTS_FILE = "model.safetensors"
 _META_KEY = "course_lib.quantization"
 #: Model config fields that must match between a checkpoint and the model it is loaded into.
-_SHAPE_FIELDS = ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions")
+_SHAPE_FIELDS = ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions", "hidden_size",
+                 "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "intermediate_size")
 
 
 def _layer_specs(model: nn.Module) -> dict[str, dict]:
@@ -43,11 +45,16 @@ def _layer_specs(model: nn.Module) -> dict[str, dict]:
 
 def _model_spec(model: nn.Module) -> dict:
     """Enough about the float architecture to rebuild it offline."""
+    from dataclasses import asdict
+
     from course_lib.models.gpt import GPT
+    from course_lib.models.llama import Llama
 
     config = getattr(model, "config", None)
     if isinstance(model, GPT):
         return {"architecture": "course_lib.GPT", "config": dict(vars(config))}
+    if isinstance(model, Llama):
+        return {"architecture": "course_lib.Llama", "config": asdict(config)}
     if config is not None and hasattr(config, "to_dict"):
         return {"architecture": type(model).__name__, "config": config.to_dict(),
                 "name": getattr(model, "course_name", None)}
@@ -107,6 +114,11 @@ def read_config(path: str | Path) -> tuple[dict, Path]:
     return config, path
 
 
+#: HF classes a checkpoint can rebuild offline, with the config ``model_type`` each must carry.
+_HF_ARCHITECTURES = {"GPT2LMHeadModel": ("gpt2",), "LlamaForCausalLM": ("llama",),
+                     "Qwen2ForCausalLM": ("qwen2",)}
+
+
 def build_float_model(config: dict) -> nn.Module:
     """An untrained float model with the checkpoint's architecture (weights come from the file)."""
     spec = config.get("model") or {}
@@ -115,10 +127,15 @@ def build_float_model(config: dict) -> nn.Module:
         from course_lib.models.gpt import GPT, GPTConfig
 
         return GPT(GPTConfig(**cfg)).eval()
-    if arch == "GPT2LMHeadModel":
-        from transformers import GPT2Config, GPT2LMHeadModel
+    if arch == "course_lib.Llama":
+        from course_lib.models.llama import Llama, LlamaConfig
 
-        model = GPT2LMHeadModel(GPT2Config.from_dict(cfg)).float().eval()
+        return Llama(LlamaConfig(**cfg)).eval()
+    if arch in _HF_ARCHITECTURES and cfg.get("model_type") in _HF_ARCHITECTURES[arch]:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        hf_config = AutoConfig.for_model(**cfg)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
         model.course_name = spec.get("name")
         return model
     raise ValueError(f"cannot rebuild a model of architecture {arch!r} from this checkpoint; pass "

@@ -17,9 +17,14 @@ from course_lib import runtime
 from course_lib.data import calibration_segments, load_text
 from course_lib.evaluation.perplexity import encode, perplexity
 from course_lib.evaluation.report import model_size_bytes
+from course_lib.models.families import context_length
 from course_lib.models.hub import load_model
 from course_lib.quant.checkpoint import save_quantized
 from course_lib.quant.methods import check_method, quantize_weights
+
+
+#: Longest perplexity window (and calibration window) the quantize command uses.
+MAX_WINDOW = 2048
 
 
 def parse_group_size(text: str) -> int | None:
@@ -38,11 +43,16 @@ def parse_group_size(text: str) -> int | None:
 def run_quantize(model_name: str, method: str, bits: int, group_size: int | None, out: str | Path, *,
                  act_order: bool = False, dataset: str = "auto", n_samples: int = 128, seq_len: int = 512,
                  seed: int = 0, eval_tokens: int | None = 65536, backend: str = "auto",
-                 progress: bool = True) -> dict:
-    """Quantize ``model_name`` and write checkpoint, tokenizer and report.json to ``out``."""
+                 max_window: int = MAX_WINDOW, progress: bool = True) -> dict:
+    """Quantize ``model_name`` and write checkpoint, tokenizer and report.json to ``out``.
+
+    Perplexity windows are the model's context capped at ``max_window`` (SmolLM2 accepts 8192
+    tokens; GPT-2 1024), so that scores stay comparable across models and affordable on a CPU.
+    """
     check_method(method)
     model, tokenizer = load_model(model_name)
-    seq_len = min(seq_len, model.config.n_positions)
+    window = min(context_length(model.config), max_window)
+    seq_len = min(seq_len, window)
     train, source = load_text(dataset, "train")
     test, _ = load_text(source, "test")
     calibration = None
@@ -53,7 +63,7 @@ def run_quantize(model_name: str, method: str, bits: int, group_size: int | None
         eval_ids = eval_ids[:eval_tokens]
 
     def score(m: torch.nn.Module) -> float:
-        return perplexity(m, ids=eval_ids, protocol="gptq", progress=progress).perplexity
+        return perplexity(m, ids=eval_ids, protocol="gptq", max_length=window, progress=progress).perplexity
 
     before = score(model)
     quantized, report = quantize_weights(model, method, bits, group_size, calibration,
@@ -69,7 +79,7 @@ def run_quantize(model_name: str, method: str, bits: int, group_size: int | None
             "dataset": source, "split": "train", "n_samples": n_samples, "seq_len": seq_len, "seed": seed},
         "perplexity": {"before": before, "after": after, "delta_pct": 100 * (after / before - 1),
                        "dataset": source, "split": "test", "tokens": int(eval_ids.numel()),
-                       "protocol": "gptq", "window": model.config.n_positions},
+                       "protocol": "gptq", "window": window},
         "size_mb": {"before": model_size_bytes(model) / 2**20, "after": model_size_bytes(quantized) / 2**20},
         "quantize_seconds": report.seconds, "machine": runtime.machine_description(),
         "layers": report.layer_log,

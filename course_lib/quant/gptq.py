@@ -21,8 +21,10 @@ inputs. GPTQ makes that practical:
    no index gather), symmetric or asymmetric codes.
 
 :func:`gptq_quantize_weight` is the algorithm on one weight matrix; :func:`gptq_quantize_model`
-runs it block by block over a GPT-2 (HF or ``course_lib.models.gpt``), computing each block's
-inputs from the already-quantized blocks before it, and returns ``QuantLinear`` layers. The
+runs it block by block over a GPT-2 or a LLaMA-family model (HF or ``course_lib.models``),
+computing each block's inputs from the already-quantized blocks before it ("true sequential":
+q/k/v, then o, then gate/up, then down, each group's Hessians taken with the groups before it
+already quantized), and returns ``QuantLinear`` layers. The
 semantics follow the reference implementation (IST-DASLab/gptq, ``gptq.py``).
 """
 
@@ -38,10 +40,11 @@ from tqdm.auto import tqdm
 
 from course_lib.quant.affine import check_bits, compute_qparams, qrange
 from course_lib.quant.layerwise import (
-    BLOCK_LAYERS,
+    block_layout,
     block_linears,
     capture_block_inputs,
     check_calibration_ids,
+    check_group_size,
     layer_inputs,
     run_block,
     transformer_blocks,
@@ -249,17 +252,6 @@ def _rtn_dequantized(weight: torch.Tensor, bits: int, group_size: int | None, sc
 # --- whole model -----------------------------------------------------------------------------
 
 
-def _check_group_size(model: nn.Module, group_size: int | None) -> None:
-    if group_size is None:
-        return
-    for b, block in enumerate(transformer_blocks(model)):
-        for name, layer in block_linears(block).items():
-            k = linear_weight(layer).shape[1]
-            if group_size <= 0 or k % group_size:
-                raise ValueError(f"group_size {group_size} does not divide in_features={k} of "
-                                 f"transformer.h.{b}.{name}; use a divisor of it or None (per-channel)")
-
-
 @torch.no_grad()
 def gptq_quantize_model(model: nn.Module, calibration_ids: torch.Tensor, bits: int = 4,
                         group_size: int | None = 128, *, scheme: str | None = None,
@@ -267,20 +259,21 @@ def gptq_quantize_model(model: nn.Module, calibration_ids: torch.Tensor, bits: i
                         percdamp: float = 0.01, block_size: int = 128, batch_size: int = 8,
                         backend: str = "auto", inplace: bool = False,
                         progress: bool = True) -> tuple[nn.Module, QuantizationReport]:
-    """GPTQ every linear / Conv1D layer of a GPT-2's blocks; returns (model, report).
+    """GPTQ every linear / Conv1D layer of a GPT-2's or LLaMA's blocks; returns (model, report).
 
     Block by block: capture the block's inputs (from the blocks already quantized), then for
-    each layer group in execution order (c_attn, attn c_proj, c_fc, mlp c_proj) accumulate the
+    each layer group in execution order (GPT-2: c_attn, attn c_proj, c_fc, mlp c_proj; LLaMA:
+    q/k/v, o, gate/up, down) accumulate the
     Hessians from the block run with the earlier layers already quantized ("true sequential"),
     quantize, and swap in a :class:`QuantLinear`; finally run the quantized block to get the
-    next block's inputs. Embeddings, ``lm_head`` and LayerNorms stay floating point.
+    next block's inputs. Embeddings, ``lm_head`` and the norms stay floating point.
     ``report.layer_log`` has each layer's output error with RTN and with GPTQ.
     """
     check_bits(bits)
     _check_backend(backend)
     ids = check_calibration_ids(calibration_ids)
     scheme = scheme or default_scheme(bits, group_size)
-    _check_group_size(model, group_size)
+    check_group_size(model, group_size)
     start = time.perf_counter()
     model = model if inplace else copy.deepcopy(model)
     was_training = model.training
@@ -289,11 +282,12 @@ def gptq_quantize_model(model: nn.Module, calibration_ids: torch.Tensor, bits: i
                "percdamp": percdamp, "block_size": block_size, "n_samples": int(ids.shape[0]),
                "seq_len": int(ids.shape[1])}
     report = QuantizationReport(bits, group_size, scheme, "gptq", kept=list(DEFAULT_SKIP), options=options)
+    layout = block_layout(model)
     inputs = capture_block_inputs(model, ids, batch_size)
     blocks = transformer_blocks(model)
     for b, block in enumerate(tqdm(blocks, desc=f"GPTQ W{bits}", disable=not progress)):
         layers = block_linears(block)
-        for group in BLOCK_LAYERS:
+        for group in layout.groups:
             hessians = {name: HessianAccumulator(linear_weight(layers[name]).shape[1],
                                                  layers[name].weight.device) for name in group}
             layer_inputs(block, inputs, list(group), on_input=lambda name, x, h=hessians: h[name].add_batch(x))
@@ -307,7 +301,7 @@ def gptq_quantize_model(model: nn.Module, calibration_ids: torch.Tensor, bits: i
                                                 bits, group_size, scheme, backend,
                                                 dtype=layer.weight.dtype)
                 replace_module(block, name, qlayer)
-                full = f"transformer.h.{b}.{name}"
+                full = layout.full_name(b, name)
                 report.replaced.append(full)
                 report.layer_log.append({"layer": full, "error_rtn": result.error_rtn,
                                          "error_gptq": result.error_gptq, "damp": result.damp})

@@ -41,9 +41,9 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from course_lib.quant import affine
-from course_lib.quant.layerwise import check_calibration_ids
+from course_lib.quant.layerwise import block_layout, check_calibration_ids, model_forward, transformer_blocks
 from course_lib.quant.observers import OBSERVERS, make_observer
-from course_lib.quant.qlinear import linear_weight, replace_module
+from course_lib.quant.qlinear import is_linear_like, linear_weight, replace_module
 
 __all__ = [
     "ACT_GRANULARITIES",
@@ -291,7 +291,7 @@ def _run_calibration(model: nn.Module, layers: dict[str, nn.Module], observe, id
     try:
         device = _model_device(model)
         for i in tqdm(range(0, ids.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
-            model(ids[i : i + batch_size].to(device))
+            model_forward(model, ids[i : i + batch_size].to(device))
     finally:
         for h in hooks:
             h.remove()
@@ -378,59 +378,63 @@ def smoothing_scales(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: floa
     return (a.pow(alpha) / w_absmax.pow(1.0 - alpha)).clamp(min=1e-5)
 
 
-def smooth_pairs(model: nn.Module) -> list[tuple[str, nn.LayerNorm, str, nn.Module]]:
-    """``(LayerNorm name, LayerNorm, linear name, linear)`` for every ln_1 -> attn.c_attn and
-    ln_2 -> mlp.c_fc pair of a GPT-2 (HF or course_lib); the pairs SmoothQuant can fold into."""
-    blocks = getattr(getattr(model, "transformer", None), "h", None)
-    if blocks is None:
-        raise ValueError("smooth_quant supports GPT-2 models (HF GPT2LMHeadModel or "
-                         "course_lib.models.gpt.GPT): no transformer.h blocks found")
+def smooth_pairs(model: nn.Module) -> list[tuple[str, nn.Module, list[str], list[nn.Module]]]:
+    """``(norm name, norm, layer names, layers)`` for every norm and the linear layers it feeds:
+    GPT-2's ``ln_1 -> attn.c_attn`` and ``ln_2 -> mlp.c_fc``, LLaMA's ``input_layernorm -> q/k/v``
+    and ``post_attention_layernorm -> gate/up``; the groups SmoothQuant can fold into."""
+    layout = block_layout(model)
     pairs = []
-    for i, block in enumerate(blocks):
-        for ln, lin in (("ln_1", "attn.c_attn"), ("ln_2", "mlp.c_fc")):
-            norm, layer = block.get_submodule(ln), block.get_submodule(lin)
-            if not isinstance(norm, nn.LayerNorm) or not isinstance(layer, (nn.Linear, Conv1D)):
-                raise ValueError(f"transformer.h.{i}.{lin} must be nn.Linear or Conv1D after a "
-                                 f"LayerNorm {ln}; got {type(layer).__name__} (smooth before quantizing)")
-            pairs.append((f"transformer.h.{i}.{ln}", norm, f"transformer.h.{i}.{lin}", layer))
+    for i, block in enumerate(transformer_blocks(model)):
+        for group in layout.norm_groups():
+            layers = [block.get_submodule(n) for n in group.layers]
+            for name, layer in zip(group.layers, layers, strict=True):
+                if not is_linear_like(layer):
+                    raise ValueError(f"{layout.full_name(i, name)} must be nn.Linear or Conv1D; got "
+                                     f"{type(layer).__name__} (smooth before quantizing)")
+            pairs.append((layout.full_name(i, group.prev), block.get_submodule(group.prev),
+                          [layout.full_name(i, n) for n in group.layers], layers))
     return pairs
 
 
 @torch.no_grad()
 def smooth_quant(model: nn.Module, calibration_ids: torch.Tensor, alpha: float = 0.5,
                  batch_size: int = 8, inplace: bool = False, progress: bool = True) -> nn.Module:
-    """SmoothQuant: migrate activation outliers into the weights, folded into the LayerNorms.
+    """SmoothQuant: migrate activation outliers into the weights, folded into the norms.
 
-    For ``attn.c_attn`` (input: ``ln_1``'s output) and ``mlp.c_fc`` (input: ``ln_2``'s output)
-    of every block: ``s = smoothing_scales(max|X| over calibration_ids, W, alpha)``, LayerNorm
-    weight and bias divided by ``s``, the layer's input channels multiplied by ``s``. The
-    returned float model computes the same function (to float rounding); quantize it next,
-    e.g. with :func:`calibrate_w8a8`. Works for HF GPT-2 (Conv1D) and ``course_lib`` GPT.
+    For every norm and the layers it feeds (:func:`smooth_pairs`): ``s = smoothing_scales(max|X|
+    over calibration_ids, W, alpha)`` with ``max|W_j|`` over all the layers that share the input
+    (one ``s`` per norm, as the SmoothQuant reference does for q/k/v), the norm's weight (and
+    bias) divided by ``s``, each layer's input channels multiplied by ``s``. The returned float
+    model computes the same function (to float rounding); quantize it next, e.g. with
+    :func:`calibrate_w8a8`. Works for GPT-2 (HF Conv1D, course_lib nn.Linear) and the LLaMA family.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     ids = _check_calibration(calibration_ids)
     model = _maybe_copy(model, inplace)
     pairs = smooth_pairs(model)
-    absmax = activation_absmax(model, ids, [lin for _, _, lin, _ in pairs], batch_size, progress)
-    for _, norm, name, layer in pairs:
-        fold_channel_scales(norm, layer, smoothing_scales(absmax[name], linear_weight(layer), alpha))
+    absmax = activation_absmax(model, ids, [names[0] for _, _, names, _ in pairs], batch_size, progress)
+    for _, norm, names, layers in pairs:
+        weight = torch.cat([linear_weight(m) for m in layers], dim=0)  # [sum of outs, in]
+        fold_channel_scales(norm, layers, smoothing_scales(absmax[names[0]], weight, alpha))
     return model
 
 
-def fold_channel_scales(norm: nn.LayerNorm, layer: nn.Module, s: torch.Tensor) -> None:
-    """In place: LayerNorm output channel j divided by s_j, the next layer's input channel j times s_j.
+def fold_channel_scales(norm: nn.Module, layers: nn.Module | Sequence[nn.Module], s: torch.Tensor) -> None:
+    """In place: norm output channel j divided by s_j, the next layers' input channel j times s_j.
 
-    ``LN(x) / s`` followed by ``W * s`` (per input channel) is the same function as ``LN(x)``
-    then ``W``. ``layer`` may be nn.Linear or HF Conv1D; ``s`` has one entry per channel.
+    ``norm(x) / s`` followed by ``W * s`` (per input channel) is the same function as ``norm(x)``
+    then ``W``, for a LayerNorm (weight and bias) and an RMSNorm (weight only) alike. ``layers``
+    is one nn.Linear / HF Conv1D or several reading the same input; ``s`` has one entry per channel.
     """
-    s = s.to(layer.weight.device)
+    layers = list(layers) if isinstance(layers, Sequence) else [layers]
+    s = s.to(norm.weight.device)
     norm.weight.div_(s.to(norm.weight.dtype))
-    norm.bias.div_(s.to(norm.bias.dtype))
-    if isinstance(layer, Conv1D):  # [in, out]: input channel j is row j
-        layer.weight.mul_(s[:, None].to(layer.weight.dtype))
-    else:  # nn.Linear [out, in]: input channel j is column j
-        layer.weight.mul_(s[None, :].to(layer.weight.dtype))
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.div_(s.to(norm.bias.dtype))
+    for layer in layers:
+        w = linear_weight(layer)  # [out, in] (a transposed view for Conv1D)
+        w.mul_(s[None, :].to(w.device, w.dtype))
 
 
 @torch.no_grad()
@@ -448,12 +452,12 @@ def plant_outliers(model: nn.Module, channels: Sequence[int], factor: float = 10
     if not factor > 0:
         raise ValueError(f"factor must be > 0, got {factor}")
     model = _maybe_copy(model, inplace)
-    for _, norm, _, layer in smooth_pairs(model):
+    for _, norm, _, layers in smooth_pairs(model):
         n = norm.weight.shape[0]
         bad = [c for c in channels if not 0 <= c < n]
         if bad or not len(channels):
             raise ValueError(f"channels must be a non-empty list of indices in [0, {n}), got {list(channels)}")
         s = torch.ones(n)
         s[list(channels)] = 1.0 / factor
-        fold_channel_scales(norm, layer, s)
+        fold_channel_scales(norm, layers, s)
     return model

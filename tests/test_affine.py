@@ -53,6 +53,68 @@ def test_asymmetric_positive_range_keeps_zero_exact() -> None:
     assert dequantize(zero_code, params).abs().max().item() == 0.0
 
 
+@pytest.mark.parametrize("values,zero_point", [
+    ([0.5, 1.0, 2.0], 0),  # all positive: widened to [0, 2], 0.0 is the lowest code
+    ([-2.0, -1.0, -0.5], 255),  # all negative: widened to [-2, 0], 0.0 is the highest code
+])
+def test_one_signed_asymmetric_range_is_widened_to_include_zero(values, zero_point) -> None:
+    x = torch.tensor(values)
+    q, params = quantize(x, bits=8, scheme="asymmetric")
+    # the range is [min(xmin, 0), max(xmax, 0)], not [xmin, xmax] = a width of 1.5
+    assert params.scale.item() == (torch.tensor(2.0) / 255).item()
+    assert params.zero_point.item() == zero_point
+    qmin, qmax = qrange(8, "asymmetric")
+    assert qmin <= params.zero_point.item() <= qmax
+    # 0.0 is a code and dequantizes exactly; every value is within half a step
+    zero_code = quantize_with(torch.zeros(3), params)
+    assert zero_code.tolist() == [zero_point] * 3
+    assert dequantize(zero_code, params).tolist() == [0.0, 0.0, 0.0]
+    assert (dequantize(q, params) - x).abs().max().item() <= params.scale.item() / 2 + 1e-7
+    # qparams_from_range applies the same rule to an observed range, one range per element
+    scale, zero = qparams_from_range(x.min(), x.max(), 8, "asymmetric")
+    assert torch.equal(scale, params.scale) and torch.equal(zero, params.zero_point)
+    # a range that already straddles 0 is left as it is
+    scale, zero = qparams_from_range(torch.tensor(-1.0), torch.tensor(3.0), 2, "asymmetric")
+    assert scale.item() == pytest.approx(4 / 3) and zero.item() == 1
+
+
+def test_rounding_is_half_to_even() -> None:
+    # scale 0.5 (63.5 / 127) and 0.25 (63.75 / 255) are exact, so x / scale lands on .5 exactly
+    halves = [0.5, 1.5, 2.5, 3.5, -0.5, -1.5, -2.5, -3.5]
+    to_even = [0, 2, 2, 4, 0, -2, -2, -4]  # half-up or half-away-from-zero would differ
+    x = torch.tensor([0.5 * h for h in halves] + [63.5])
+    q, params = quantize(x, bits=8, scheme="symmetric")
+    assert params.scale.item() == 0.5
+    assert q.tolist() == to_even + [127]
+    assert dequantize(q, params).tolist() == [0.5 * c for c in to_even] + [63.5]
+
+    x = torch.tensor([0.25 * h for h in halves] + [-32.0, 31.75])  # range [-32, 31.75]
+    q, params = quantize(x, bits=8, scheme="asymmetric")
+    assert params.scale.item() == 0.25 and params.zero_point.item() == 128
+    assert q.tolist() == [128 + c for c in to_even] + [0, 255]  # round(x / scale), then + zero
+
+    # the zero-point is rounded the same way: -xmin / scale = 126.5 -> 126, 2.5 -> 2
+    scale, zero = qparams_from_range(torch.tensor(-31.625), torch.tensor(32.125), 8, "asymmetric")
+    assert scale.item() == 0.25 and zero.item() == 126
+    scale, zero = qparams_from_range(torch.tensor(-2.5), torch.tensor(0.5), 2, "asymmetric")
+    assert scale.item() == 1.0 and zero.item() == 2
+
+
+@pytest.mark.parametrize("scheme", ["symmetric", "asymmetric"])
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel", "per_group"])
+def test_all_zero_range_gets_scale_one_and_zero_point_zero(scheme, granularity) -> None:
+    x = torch.zeros(4, 64)
+    q, params = quantize(x, bits=4, scheme=scheme, granularity=granularity, group_size=16)
+    expected = {"per_tensor": (), "per_channel": (4,), "per_group": (4, 4)}[granularity]
+    assert tuple(params.scale.shape) == expected
+    assert torch.equal(params.scale, torch.ones(expected))
+    assert torch.equal(params.zero_point, torch.zeros(expected, dtype=torch.int32))
+    assert torch.equal(q, torch.zeros_like(q))
+    assert torch.equal(dequantize(q, params), torch.zeros(4, 64))  # exact zeros, no NaN
+    scale, zero = qparams_from_range(torch.tensor(0.0), torch.tensor(0.0), 4, scheme)
+    assert scale.item() == 1.0 and zero.item() == 0
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_qrange(bits: int) -> None:
     assert qrange(bits, "symmetric") == (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1)

@@ -72,7 +72,9 @@ def test_gptq_beats_rtn_on_correlated_inputs(bits, group_size, act_order) -> Non
 def test_lazy_blocks_do_not_change_the_result() -> None:
     """Block size only changes when updates are applied, not what they are."""
     h = _hessian(_correlated_inputs())
-    w = torch.randn(24, 96)
+    # Seeded: the block size changes the float summation order, so on rare weights (about 1 in
+    # 500 draws, e.g. seeds 382, 950, 1116) one code flips by a step and the strict check fails.
+    w = torch.randn(24, 96, generator=torch.Generator().manual_seed(0))
     full = gptq_quantize_weight(w, h, 4, 32, block_size=96).dequantized
     for block_size in (1, 7, 32):
         torch.testing.assert_close(gptq_quantize_weight(w, h, 4, 32, block_size=block_size).dequantized,
@@ -96,6 +98,72 @@ def test_act_order_changes_order_and_needs_static_groups() -> None:
     assert not torch.equal(plain, ordered)
     with pytest.raises(ValueError, match="static_groups"):
         gptq_quantize_weight(w, h, 4, 32, act_order=True, static_groups=False)
+
+
+def _shuffled_hessian(seed: int = 0) -> torch.Tensor:
+    """A Hessian whose H_ii order has nothing to do with the column index (unlike
+    `_correlated_inputs`, whose channel scales grow with the index)."""
+    h = _hessian(_correlated_inputs())
+    shuffle = torch.randperm(h.shape[0], generator=torch.Generator().manual_seed(seed))
+    return h[shuffle][:, shuffle]
+
+
+def _reference_act_order_gptq(w, H, bits, group_size, scheme, percdamp=0.01):
+    """Act-order GPTQ written out plainly (IST-DASLab/gptq): columns by DESCENDING H_ii, min-max
+    quantizers fixed up front from the original weights (static groups), no lazy blocks."""
+    qmin, qmax = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if scheme == "symmetric" else (0, 2**bits - 1)
+    W = w.clone().float()
+    k = W.shape[1]
+    g = group_size or k
+    quantizers = []
+    for s in range(0, k, g):
+        lo, hi = W[:, s:s + g].min(dim=1).values, W[:, s:s + g].max(dim=1).values
+        if scheme == "symmetric":
+            scale = torch.maximum(lo.abs(), hi.abs()) / qmax
+            quantizers.append((scale, torch.zeros_like(scale)))
+        else:
+            lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+            scale = (hi - lo) / (qmax - qmin)
+            quantizers.append((scale, torch.round(-lo / scale)))
+    perm = torch.argsort(torch.diag(H), descending=True)
+    Hp = H[perm][:, perm] + percdamp * torch.diag(H).mean() * torch.eye(k)
+    U = torch.linalg.cholesky(torch.linalg.inv(Hp), upper=True)
+    W, Q = W[:, perm], torch.zeros_like(W)
+    for i in range(k):
+        scale, zero = quantizers[int(perm[i]) // g]
+        q = torch.clamp(torch.round(W[:, i] / scale) + zero, qmin, qmax)
+        Q[:, i] = (q - zero) * scale
+        W[:, i:] -= ((W[:, i] - Q[:, i]) / U[i, i])[:, None] * U[i, i:][None, :]
+    return Q[:, torch.argsort(perm)]
+
+
+def test_act_order_is_plain_gptq_on_columns_sorted_by_descending_hessian_diagonal() -> None:
+    """With per-channel scales (the same for any column order), act_order must be exactly plain
+    GPTQ run on the columns presorted by descending H_ii, then put back in place."""
+    h = _shuffled_hessian()
+    w = torch.randn(24, 96, generator=torch.Generator().manual_seed(1))
+    ordered = gptq_quantize_weight(w, h, 4, None, scheme="symmetric", act_order=True)
+    perm = torch.argsort(torch.diag(h), descending=True)
+    back = torch.argsort(perm)
+    presorted = gptq_quantize_weight(w[:, perm], h[perm][:, perm], 4, None, scheme="symmetric")
+    assert torch.equal(ordered.codes, presorted.codes[:, back])
+    assert torch.equal(ordered.dequantized, presorted.dequantized[:, back])
+    # ...and the order matters: the ascending order gives other codes
+    ascending = torch.argsort(torch.diag(h), descending=False)
+    other = gptq_quantize_weight(w[:, ascending], h[ascending][:, ascending], 4, None, scheme="symmetric")
+    assert (other.codes[:, torch.argsort(ascending)] != ordered.codes).float().mean() > 0.2
+
+
+@pytest.mark.parametrize("bits,group_size,scheme", [(3, 32, "asymmetric"), (4, None, "symmetric")])
+def test_act_order_matches_a_plain_reference(bits, group_size, scheme) -> None:
+    h = _shuffled_hessian()
+    w = torch.randn(24, 96, generator=torch.Generator().manual_seed(2))
+    result = gptq_quantize_weight(w, h, bits, group_size, scheme=scheme, act_order=True)
+    reference = _reference_act_order_gptq(w, h, bits, group_size, scheme)
+    # Different float order (cholesky_inverse vs inv, lazy blocks) may flip a rare code by one
+    # step and the error feedback carries it on; a wrong column order disagrees on ~45% of them.
+    same = torch.isclose(result.dequantized, reference, rtol=0, atol=1e-5).float().mean()
+    assert same > 0.99
 
 
 def test_dead_columns_become_zero() -> None:

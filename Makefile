@@ -139,7 +139,7 @@ grade: $(NB_STAMP) ## grade student notebooks in $(SUBMISSIONS) (docs/instructor
 # One process per benchmark, settings in benchmarks/run_all.py; then the summary of headline
 # ratios, benchmarks/results/<machine>.md and .json (e.g. make bench BENCH_ARGS="--only engine").
 BENCH_ARGS ?=
-bench: $(NB_STAMP) ## every CPU benchmark (~13 min on 2 cores), then results/<machine>.md summary
+bench: $(NB_STAMP) ## every CPU benchmark (~17 min on 2 cores), then results/<machine>.md summary
 	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 bench-gpu: $(NB_STAMP) ## the GPU kernel benchmarks (says so and runs nothing without CUDA)

@@ -50,12 +50,15 @@ CPU_SET: dict[str, list[str]] = {
     # the full workload (64 requests, 16..256 + 16..256 tokens, best of 2 alternating runs of
     # each system) without the HF generate row, which is no headline and costs ~70 s; ~190 s
     "engine": ["--no-hf", "--no-progress"],
-    # the tiny target on stdlib text (what every machine has); the precisions the targets name
-    # (W4 g128, W3 g128) with RTN, GPTQ and AWQ (not act-order: no target), 16 x 256 calibration
-    # tokens, 8192 evaluation tokens. AWQ's search costs ~25 ms per calibration token here, so
-    # the full grid (12 configurations, 64 x 512) takes ~30 min; ~240 s
-    "quant_quality": ["--models", "tiny", "--dataset", "stdlib", "--quick", "--no-act-order",
-                      "--n-samples", "16", "--eval-tokens", "8192", "--no-progress"],
+    # SmolLM2-135M-Instruct (offline, LLaMA family) beside the tiny GPT-2, on stdlib text (what
+    # every machine has); the precisions the targets name (W4 and W3 at g128, g64 on SmolLM2
+    # whose 576-wide layers 128 does not divide) with RTN, GPTQ and AWQ (not act-order: no
+    # target), 16 x 256 calibration tokens, 4096 evaluation tokens in windows of 1024; AWQ's
+    # ratio search replays 256 tokens (its 80 block runs per block dominate on a CPU). The full
+    # grid (`python benchmarks/quant_quality.py`, ~25 min) is in results/; ~8 min
+    "quant_quality": ["--models", "smollm2-135m", "tiny", "--dataset", "stdlib", "--quick",
+                      "--no-act-order", "--n-samples", "16", "--seq-len", "256", "--eval-tokens",
+                      "4096", "--awq-search-tokens", "256", "--no-progress"],
     # 8 s per concurrency level instead of 20; the 60 s soak of 32 clients and the 2 extra
     # alternating c=1 / c=8 runs are kept; an unmet check is reported, not an error; ~155 s
     "serve": ["--duration", "8", "--no-fail"],

@@ -184,13 +184,12 @@ def engine(d: dict) -> list[Row]:
     return rows
 
 
-QUALITY_TARGETS = ("W4 g128", "W3 g128")
-
-
 def quant_quality(d: dict) -> list[Row]:
     out = []
     for res in d["results"]:
         rows = res["rows"]
+        group = res.get("group_size", 128)  # the target group: g64 where 128 does not divide (SmolLM2)
+        w4, w3 = f"W4 g{group}", f"W3 g{group}"
         fp32 = next(r for r in rows if r["method"] == "FP32")["perplexity"]
         rtn = {r["precision"]: r["perplexity"] for r in rows if r["method"] == "RTN"}
         where = f"{res['model']}, {res['dataset']}, {res['eval_tokens']} tokens"
@@ -198,7 +197,7 @@ def quant_quality(d: dict) -> list[Row]:
             if r["method"] == "FP32":
                 continue
             target, met = "", None
-            if r["precision"] in QUALITY_TARGETS and r["method"] in ("GPTQ", "AWQ") and r["precision"] in rtn:
+            if r["precision"] in (w4, w3) and r["method"] in ("GPTQ", "AWQ") and r["precision"] in rtn:
                 target = f"< RTN ({rtn[r['precision']]:.2f})"
                 met = r["perplexity"] < rtn[r["precision"]]
             ratio = r["perplexity"] / fp32
@@ -206,15 +205,15 @@ def quant_quality(d: dict) -> list[Row]:
                            f"{r['perplexity']:.2f}", f"FP32 {fp32:.2f}", f"{100 * (ratio - 1):+.2f}%",
                            target, met, measured_value=r["perplexity"], baseline_value=fp32,
                            ratio_value=ratio))
-        if "W3 g128" in rtn:
+        if w3 in rtn:
             gptq = next((r["perplexity"] for r in rows
-                         if r["method"] == "GPTQ" and r["precision"] == "W3 g128"), None)
-            if gptq is not None and rtn["W3 g128"] != fp32:
-                closed = (rtn["W3 g128"] - gptq) / (rtn["W3 g128"] - fp32)
-                out.append(Row("", f"GPTQ W3 g128: share of RTN's perplexity gap to FP32 closed ({where})",
-                               f"GPTQ {gptq:.2f}", f"RTN {rtn['W3 g128']:.2f}, FP32 {fp32:.2f}",
+                         if r["method"] == "GPTQ" and r["precision"] == w3), None)
+            if gptq is not None and rtn[w3] != fp32:
+                closed = (rtn[w3] - gptq) / (rtn[w3] - fp32)
+                out.append(Row("", f"GPTQ {w3}: share of RTN's perplexity gap to FP32 closed ({where})",
+                               f"GPTQ {gptq:.2f}", f"RTN {rtn[w3]:.2f}, FP32 {fp32:.2f}",
                                _pct(closed, 0), ">= 50%", closed >= 0.5, measured_value=gptq,
-                               baseline_value=rtn["W3 g128"], ratio_value=closed))
+                               baseline_value=rtn[w3], ratio_value=closed))
     return out
 
 

@@ -99,11 +99,18 @@ def quant_quality_result() -> dict:
     def row(method, precision, ppl):
         return {"method": method, "precision": precision, "perplexity": ppl}
 
-    rows = [row("FP32", "FP32", 80.0)]
-    for precision, rtn, gptq, awq in (("W4 g128", 81.0, 80.2, 80.5), ("W3 g128", 84.0, 81.0, 84.5)):
-        rows += [row("RTN", precision, rtn), row("GPTQ", precision, gptq), row("AWQ", precision, awq)]
-    return {"benchmark": "quant_quality", "quick": True,
-            "results": [{"model": "tiny", "dataset": "stdlib", "eval_tokens": 16384, "rows": rows}]}
+    def result(model, group, fp32, table):
+        rows = [row("FP32", "FP32", fp32)]
+        for bits, rtn, gptq, awq in table:
+            precision = f"W{bits} g{group}"
+            rows += [row("RTN", precision, rtn), row("GPTQ", precision, gptq), row("AWQ", precision, awq)]
+        return {"model": model, "dataset": "stdlib", "eval_tokens": 16384, "group_size": group, "rows": rows}
+
+    # the tiny result predates the group_size field (128 implied); SmolLM2's targets use g64
+    tiny = result("tiny", 128, 80.0, ((4, 81.0, 80.2, 80.5), (3, 84.0, 81.0, 84.5)))
+    del tiny["group_size"]
+    smollm2 = result("smollm2-135m", 64, 10.0, ((4, 12.0, 11.0, 11.5), (3, 30.0, 20.0, 25.0)))
+    return {"benchmark": "quant_quality", "quick": True, "results": [tiny, smollm2]}
 
 
 def paged_attention_skipped() -> dict:
@@ -186,6 +193,9 @@ def test_ratios_come_with_their_baselines(tmp_path):
     assert by_claim(rows, "quant_quality", "RTN W3 g128 perplexity").met is None
     r = by_claim(rows, "quant_quality", "GPTQ W3 g128: share of RTN's perplexity gap")
     assert r.ratio == "75%" and r.ratio_value == pytest.approx(0.75) and r.met is True
+    r = by_claim(rows, "quant_quality", "GPTQ W3 g64: share of RTN's perplexity gap to FP32 closed (smollm2")
+    assert r.ratio == "50%" and r.met is True
+    assert by_claim(rows, "quant_quality", "AWQ W4 g64 perplexity vs FP32 (smollm2").met is True
 
     assert set(sources) == {"engine", "serve", "speculative", "kv_cache", "tiny_pair_speed", "quant_quality"}
     assert sources["engine"]["settings"]["requests"] == 64

@@ -8,7 +8,7 @@ differ only by method. ``benchmarks/quant_quality.py`` and notebook 03 both call
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
@@ -29,6 +29,8 @@ class QualityConfig:
     bits: int
     group_size: int | None
     act_order: bool = False
+    #: keyword options for the method's pass (e.g. AWQ's ``search_tokens``)
+    options: dict = field(default_factory=dict)
 
 
 DEFAULT_CONFIGS = [QualityConfig(m, b, g, ao) for b, g in PRECISIONS for m, ao in METHOD_VARIANTS]
@@ -71,7 +73,8 @@ def quality_sweep(model: nn.Module, eval_ids: torch.Tensor, calibration_ids: tor
     rows = [QualityRow("FP32", "FP32", None, None, False, fp32, 0.0, model_size_bytes(model) / 2**20, 0.0)]
     for c in configs:
         quantized, report = quantize_weights(model, c.method, c.bits, c.group_size, calibration_ids,
-                                             act_order=c.act_order, backend=backend, progress=progress)
+                                             act_order=c.act_order, backend=backend, progress=progress,
+                                             **c.options)
         ppl = score(quantized)
         rows.append(QualityRow(label(c.method, c.act_order), precision_name(c.bits, c.group_size), c.bits,
                                c.group_size, c.act_order, ppl, 100 * (ppl / fp32 - 1),

@@ -38,11 +38,12 @@ from course_lib.grading import (
     check_minmax_observer,
     check_pack_int4,
     check_per_group_quantize,
+    check_smooth_rmsnorm_group,
     check_symmetric_quantize,
     checks_generation,
 )
 from course_lib.grading.core import Context
-from course_lib.quant import affine
+from course_lib.quant import affine, ptq
 from course_lib.quant.qlinear import QuantLinear
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -103,6 +104,17 @@ def conv1d_to_linear(conv):
         linear.weight.copy_(conv.weight.t())
         linear.bias.copy_(conv.bias)
     return linear
+
+
+def smooth_group(norm_weight, weights, act_absmax, alpha=0.5):
+    s = ptq.smoothing_scales(act_absmax, torch.cat(weights, dim=0), alpha)
+    return norm_weight / s, [w * s for w in weights]
+
+
+def smooth_group_by_hand(norm_weight, weights, act_absmax, alpha=0.5):  # per-layer maxima, then max
+    w_absmax = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0).clamp(min=1e-5)
+    s = (act_absmax.pow(alpha) / w_absmax.pow(1 - alpha)).clamp(min=1e-5)
+    return norm_weight / s, tuple(w * s[None, :] for w in weights)
 
 
 def cached_attention(q, k_new, v_new, k_cache, v_cache):
@@ -171,6 +183,7 @@ RIGHT = {
     check_minmax_observer: (Observer,),
     check_int8_linear: (Int8Linear,),
     check_conv1d_to_linear: (conv1d_to_linear,),
+    check_smooth_rmsnorm_group: (smooth_group,),
     check_cached_attention: (cached_attention,),
     check_cached_generation: (generate_with_cache,),
     check_accept_or_resample: (accept_or_resample,),
@@ -267,6 +280,35 @@ def conv1d_no_transpose(conv):
         linear.weight.copy_(conv.weight.reshape(n, k))
         linear.bias.copy_(conv.bias)
     return linear
+
+
+def smooth_q_only(norm_weight, weights, act_absmax, alpha=0.5):  # max|W_j| over W_q alone
+    s = ptq.smoothing_scales(act_absmax, weights[0], alpha)
+    return norm_weight / s, [w * s for w in weights]
+
+
+def smooth_in_place(norm_weight, weights, act_absmax, alpha=0.5):  # right values, input changed
+    s = ptq.smoothing_scales(act_absmax, torch.cat(weights, dim=0), alpha)
+    return norm_weight.div_(s), [w * s for w in weights]
+
+
+def smooth_forgets_v(norm_weight, weights, act_absmax, alpha=0.5):  # v_proj left unscaled
+    new_norm, new_weights = smooth_group(norm_weight, weights, act_absmax, alpha)
+    return new_norm, [*new_weights[:-1], weights[-1].clone()]
+
+
+def smooth_swapped_exponents(norm_weight, weights, act_absmax, alpha=0.5):
+    return smooth_group(norm_weight, weights, act_absmax, 1.0 - alpha)
+
+
+def smooth_unclamped(norm_weight, weights, act_absmax, alpha=0.5):
+    s = act_absmax.pow(alpha) / torch.cat(weights, dim=0).abs().amax(dim=0).pow(1 - alpha)
+    return norm_weight / s, [w * s for w in weights]
+
+
+def smooth_inverted(norm_weight, weights, act_absmax, alpha=0.5):  # same function, wrong direction
+    s = ptq.smoothing_scales(act_absmax, torch.cat(weights, dim=0), alpha)
+    return norm_weight * s, [w / s for w in weights]
 
 
 def attention_without_mask(q, k_new, v_new, k_cache, v_cache):  # right for one token, not a chunk
@@ -380,6 +422,20 @@ WRONG = [
     (check_int8_linear, (Int8LinearPerTensor,), "qweight codes: "),
     (check_int8_linear, (Int8LinearKeepsFloat,), "still holds a float tensor 'linear.weight'"),
     (check_conv1d_to_linear, (conv1d_no_transpose,), "Linear output vs Conv1D output"),
+    (check_smooth_rmsnorm_group, (smooth_q_only,),
+     "small example: act_absmax [16, 1, 4, 0.25], column maxima over q, k, v [1, 4, 1, 0.25] (column "
+     "1's in W_k, column 2's in W_v), alpha=0.5, so s = [4, 0.5, 2, 1]: new_norm_weight: 2 of 4 values "
+     "differ; e.g. at channel 1: expected 2 (norm_weight / s, s = 0.5), got 0.707107 (your s uses "
+     "max|W_j| of q_proj alone"),
+    (check_smooth_rmsnorm_group, (smooth_in_place,), "your function changed norm_weight in place"),
+    (check_smooth_rmsnorm_group, (smooth_forgets_v,), "v_proj output, smoothed vs original: "),
+    (check_smooth_rmsnorm_group, (smooth_swapped_exponents,),
+     "alpha=0.8: new_norm_weight: 40 of 40 values differ; e.g. at channel 0: expected 1.10525 "
+     "(norm_weight / s, s = 1.01146), got 0.325578 (your s looks like max|X_j|^(1-alpha)"),
+    (check_smooth_rmsnorm_group, (smooth_unclamped,),
+     "act_absmax 0 in channel 3 and weight column 15 all zeros, alpha=0.5: new_norm_weight is inf "
+     "at index (3,); clamp max|W_j| and s to at least 1e-5"),
+    (check_smooth_rmsnorm_group, (smooth_inverted,), "not the other way round"),
     (check_cached_attention, (attention_without_mask,), "call 1 (3 new tokens after 0 cached): out"),
     (check_cached_attention, (attention_is_causal,), "call 2 (1 new token after 3 cached): out"),
     (check_cached_attention, (attention_ignores_cache,), "call 2 (1 new token after 3 cached): out"),
@@ -483,8 +539,10 @@ def test_worked_example_is_the_first_case(capsys) -> None:
 
 
 def test_task_registry_and_grade(capsys) -> None:
-    assert set(TASKS) >= {"01.symmetric_quantize", "01.pack_int4", "02.int8_linear"}
+    assert set(TASKS) >= {"01.symmetric_quantize", "01.pack_int4", "02.int8_linear",
+                          "02.smooth_rmsnorm_group"}
     assert grading.total_points() == sum(t.points for t in TASKS.values())
+    assert grading.total_points("02_post_training_quantization") == 8
     namespace = {"symmetric_quantize": sym, "dequantize": deq, "asymmetric_quantize": asym,
                  "pack_int4": affine.pack_int4, "unpack_int4": affine.unpack_int4}
     results = grading.grade(namespace, "01_quantization_math")
@@ -500,6 +558,7 @@ def test_task_registry_and_grade(capsys) -> None:
 
 @pytest.mark.parametrize("check, learner", [
     (check_cached_attention, cached_attention_sdpa),
+    (check_smooth_rmsnorm_group, smooth_group_by_hand),
     (check_cached_generation, generate_feeding_the_last_token_too),
     (check_accept_or_resample, accept_without_min),
 ], ids=lambda x: getattr(x, "__name__", ""))
@@ -582,7 +641,7 @@ def test_accept_or_resample_reports_bad_return_values(capsys) -> None:
 # --- the exercise notebooks: solutions pass, generated exercises fail ------------------------
 
 #: exercise notebook -> number of tasks in it (a task cell lost in an edit fails the test)
-NOTEBOOKS = {"01_quantization_math.ipynb": 5, "02_post_training_quantization.ipynb": 3,
+NOTEBOOKS = {"01_quantization_math.ipynb": 5, "02_post_training_quantization.ipynb": 4,
              "03_gptq_awq.ipynb": 3, "04_kv_cache.ipynb": 2, "05_continuous_batching.ipynb": 2,
              "06_paged_attention.ipynb": 3, "07_speculative_decoding.ipynb": 2,
              "08_deployment_and_cost.ipynb": 3}
@@ -621,7 +680,7 @@ def test_notebook_checks_pass_on_solutions_and_fail_on_exercises(name, capsys) -
 #: the checks of chapters 1 and 2, every one of which draws hidden cases
 CHAPTER_1_2 = [check_symmetric_quantize, check_dequantize, check_asymmetric_quantize,
                check_per_group_quantize, check_pack_int4, check_minmax_observer, check_int8_linear,
-               check_conv1d_to_linear]
+               check_conv1d_to_linear, check_smooth_rmsnorm_group]
 
 test_chapter_1_2_hidden_right_answer_passes, test_chapter_1_2_hardcoding_fails_hidden = \
     hidden_contract_tests({c: [RIGHT[c]] for c in CHAPTER_1_2}, [
@@ -630,6 +689,7 @@ test_chapter_1_2_hidden_right_answer_passes, test_chapter_1_2_hardcoding_fails_h
         (check_asymmetric_quantize, asym, asym_zero_wrong_sign),
         (check_per_group_quantize, per_group, per_group_wrong_axis),
         (check_conv1d_to_linear, conv1d_to_linear, conv1d_no_transpose),
+        (check_smooth_rmsnorm_group, smooth_group, smooth_q_only),
     ])
 
 

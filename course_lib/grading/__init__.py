@@ -29,6 +29,7 @@ from course_lib.grading.checks import (
     check_minmax_observer,
     check_pack_int4,
     check_per_group_quantize,
+    check_smooth_rmsnorm_group,
     check_symmetric_quantize,
 )
 from course_lib.grading.checks_batching import check_request_metrics, check_schedule_step
@@ -81,6 +82,7 @@ __all__ = [
     "check_request_validator",
     "check_schedule_step",
     "check_slot_mapping",
+    "check_smooth_rmsnorm_group",
     "check_symmetric_quantize",
     "grade",
     "grade_task",
@@ -115,6 +117,8 @@ TASKS: dict[str, Task] = {
     "02.int8_linear": Task("02_post_training_quantization", ("Int8Linear",), check_int8_linear),
     "02.conv1d_to_linear": Task("02_post_training_quantization", ("conv1d_to_linear",),
                                 check_conv1d_to_linear),
+    "02.smooth_rmsnorm_group": Task("02_post_training_quantization", ("smooth_rmsnorm_group",),
+                                    check_smooth_rmsnorm_group),
     "03.accumulate_hessian": Task("03_gptq_awq", ("accumulate_hessian",), check_accumulate_hessian),
     "03.gptq_column_step": Task("03_gptq_awq", ("quantize_column_and_propagate",),
                                 check_gptq_column_step),

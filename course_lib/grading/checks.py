@@ -11,7 +11,10 @@ stay. Conventions are the library's (`quant.affine`):
 * asymmetric: range widened to include 0, ``scale = (xmax - xmin) / (2^b - 1)``,
   ``zero = round(-xmin / scale)``, unsigned codes in ``[0, 2^b - 1]`` stored as uint8;
 * a range of all zeros gets ``scale = 1`` (and zero 0);
-* ``torch.round`` (half to even) and a true division ``x / scale`` in float32.
+* ``torch.round`` (half to even) and a true division ``x / scale`` in float32;
+* SmoothQuant (exercise 4 of chapter 2): `quant.ptq.smoothing_scales` on the layers that share
+  one RMSNorm stacked, ``s = max|X_j|^alpha / max|W_j|^(1 - alpha)``, max|W_j| and s clamped to
+  at least 1e-5.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch.nn as nn
 
 from course_lib.grading.core import (
     Context,
+    Mismatch,
     as_tensor,
     check,
     describe,
@@ -44,6 +48,7 @@ POINTS = {
     "minmax_observer": 2,
     "int8_linear": 3,
     "conv1d_to_linear": 1,
+    "smooth_rmsnorm_group": 2,
 }
 
 
@@ -424,3 +429,203 @@ def check_conv1d_to_linear(ctx: Context, fn) -> None:
             got = expect_tensor(ctx, linear(x), "Linear output")
             want = conv(x)
         expect_close(ctx, got.float(), want, "Linear output vs Conv1D output", rtol=1e-5, atol=1e-5)
+
+
+# --- chapter 2, exercise 4: SmoothQuant on a LLaMA-family RMSNorm group ------------------------
+
+RMS_EPS = 1e-5  # LLaMA's RMSNorm epsilon, used to check that the smoothed pair is the same function
+ATTENTION = ("q_proj", "k_proj", "v_proj")
+MLP_IN = ("gate_proj", "up_proj")
+
+# The small example: q is [4, 4] (2 query heads of size 2), k and v are [2, 4] (one KV head).
+# Column maxima over q alone are [1, 0.5, 0.5, 0.25]; over q, k and v stacked [1, 4, 1, 0.25]
+# (column 1's is in W_k, column 2's in W_v), so with act_absmax [16, 1, 4, 0.25] and alpha 0.5,
+# s = sqrt(act_absmax / column max) = [4, 0.5, 2, 1].
+SMALL_GROUP = (
+    [[1.0, 0.5, 0.5, -0.25], [-0.5, 0.25, -0.5, 0.125], [0.25, -0.5, 0.25, 0.25], [0.5, 0.5, 0.5, 0.125]],
+    [[0.5, -4.0, 0.25, 0.125], [0.25, 2.0, 0.5, -0.25]],
+    [[-0.5, 1.0, 1.0, 0.25], [0.25, -0.5, -0.75, 0.125]],
+)
+SMALL_ACT_ABSMAX = [16.0, 1.0, 4.0, 0.25]
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """LLaMA's RMSNorm in float64: ``x / sqrt(mean(x^2) + eps) * weight`` (no mean, no bias)."""
+    x = x.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + RMS_EPS) * weight.double()
+
+
+def _smoothing_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """The reference s: the library's, with max|W_j| over every layer of the group stacked."""
+    from course_lib.quant.ptq import smoothing_scales
+
+    return smoothing_scales(act_absmax, torch.cat(weights, dim=0), alpha)
+
+
+def _random_group(gen: torch.Generator, hidden: int, outs: list[int], n_outliers: int = 3):
+    """A norm weight, weights [out, hidden] whose columns differ in range, and an act_absmax with
+    a few outlier channels (as a trained LLM's)."""
+    norm_weight = _randn(gen, hidden, scale=0.3, shift=1.0)
+    column_range = torch.exp(_randn(gen, hidden, scale=0.5))  # log-normal ranges per input column
+    weights = [_randn(gen, out, hidden, scale=0.05) * column_range for out in outs]
+    act_absmax = torch.rand(hidden, generator=gen) + 0.2
+    outliers = torch.randperm(hidden, generator=gen)[:n_outliers]
+    act_absmax[outliers] *= 30.0
+    return norm_weight, weights, act_absmax
+
+
+def _gqa_outs(hidden: int, heads: int, kv_heads: int) -> list[int]:
+    head_dim = hidden // heads
+    return [hidden, kv_heads * head_dim, kv_heads * head_dim]
+
+
+def _gqa_label(hidden: int, heads: int, kv_heads: int) -> str:
+    head_dim = hidden // heads
+    return (f"hidden {hidden}, {heads} query heads / {kv_heads} KV head{'s' * (kv_heads > 1)} of size "
+            f"{head_dim} (q [{hidden}, {hidden}], k and v [{kv_heads * head_dim}, {hidden}])")
+
+
+def _smoothing_hint(norm_weight, weights, names, act_absmax, alpha, got, bad) -> str:
+    """What a wrong new norm weight looks like it did, for the message ('' when nothing fits);
+    ``bad`` marks the entries that differ from the reference."""
+
+    def matches(s: torch.Tensor) -> bool:
+        return bool(torch.allclose(got.double(), (norm_weight / s).double(), rtol=1e-4, atol=1e-12))
+
+    s = _smoothing_scales(act_absmax, weights, alpha)
+    if matches(1.0 / s):
+        return " (divide the norm weight by s and multiply the weights' input columns by s, not the other way round)"
+    if len(weights) > 1:
+        for name, w in zip(names, weights, strict=True):
+            if matches(_smoothing_scales(act_absmax, [w], alpha)):
+                return (f" (your s uses max|W_j| of {name} alone: take the max of input column j over "
+                        "every layer in the group, stacked)")
+    if alpha != 0.5 and matches(_smoothing_scales(act_absmax, weights, 1.0 - alpha)):
+        return " (your s looks like max|X_j|^(1-alpha) / max|W_j|^alpha: the activations take the exponent alpha)"
+    column_absmax = torch.cat(weights).abs().amax(dim=0)
+    if bool((act_absmax[bad] == 0).all()):
+        return " (act_absmax is 0 there: s = 0 is clamped to 1e-5)"
+    if bool((column_absmax[bad] == 0).all()):
+        return " (that weight column is all zeros: clamp max|W_j| to at least 1e-5)"
+    return ""
+
+
+@check("SmoothQuant for an RMSNorm group", POINTS["smooth_rmsnorm_group"])
+def check_smooth_rmsnorm_group(ctx: Context, fn) -> None:
+    """``fn(norm_weight, weights, act_absmax, alpha) -> (new_norm_weight, new_weights)``.
+
+    ``weights`` is a list of [out, hidden] weights (nn.Linear layout) that all read the RMSNorm's
+    output: q, k and v of grouped-query attention (k and v narrower than q), or gate and up.
+    One ``s = max|X_j|^alpha / max|W_j|^(1 - alpha)`` for the whole group, max|W_j| over input
+    column j of every layer stacked, both clamped to >= 1e-5 as `ptq.smoothing_scales`; the
+    answer is ``norm_weight / s`` and each ``W * s`` (per input column), new tensors, the inputs
+    left as they were. Judged: the inputs unchanged, the smoothed norm and layers computing the
+    same q/k/v as before on random inputs, and the tensors equal to the library's.
+    """
+    gen = ctx.generator(109)
+    rng = ctx.rng(1)
+    gqa = [ctx.pick((48, 6, 2), (40, 5, 1), (64, 8, 2), (36, 6, 3), (72, 6, 2), (60, 10, 2), seed=2),
+           ctx.pick((32, 4, 1), (48, 8, 2), (30, 6, 2), (56, 7, 1), (42, 3, 1), seed=3),
+           ctx.pick((40, 5, 1), (48, 4, 2), (36, 9, 3), (64, 4, 1), (54, 9, 3), seed=4),
+           ctx.pick((24, 3, 1), (20, 4, 2), (28, 7, 1), (32, 8, 4), seed=5)]
+    alphas = [ctx.pick(0.5, 0.4, 0.6, 0.5, 0.75, seed=6), ctx.pick(0.5, 0.5, 0.3, 0.65, seed=7),
+              ctx.pick(0.8, 0.25, 0.7, 0.85, 0.9, 0.15, seed=8), ctx.pick(0.5, 0.45, 0.55, 0.6, seed=9),
+              ctx.pick(0.5, 0.35, 0.5, 0.7, seed=10)]
+    hidden_mlp, inter = ctx.pick((16, 44), (12, 40), (20, 52), (24, 36), (18, 50), seed=11)
+    tokens = ctx.pick(5, 3, 6, 7, 9, seed=12)
+
+    small = ([torch.tensor(w) for w in SMALL_GROUP], torch.tensor(SMALL_ACT_ABSMAX))
+    cases = [("small example: act_absmax [16, 1, 4, 0.25], column maxima over q, k, v [1, 4, 1, 0.25] "
+              "(column 1's in W_k, column 2's in W_v), alpha=0.5, so s = [4, 0.5, 2, 1]",
+              torch.ones(4), *small, 0.5, ATTENTION)]
+    hidden, heads, kv = gqa[0]
+    norm_weight, weights, act = _random_group(gen, hidden, _gqa_outs(hidden, heads, kv))
+    cases.append((f"GQA, {_gqa_label(hidden, heads, kv)}, alpha={alphas[0]}",
+                  norm_weight, weights, act, alphas[0], ATTENTION))
+
+    hidden, heads, kv = gqa[1]
+    norm_weight, weights, act = _random_group(gen, hidden, _gqa_outs(hidden, heads, kv))
+    k_cols = rng.sample(range(hidden), 3)
+    weights[1][:, k_cols[:2]] *= 20.0  # W_k carries the maximum of two columns ...
+    weights[2][:, k_cols[2]] *= 20.0  # ... and W_v of a third: W_q alone gives the wrong s there
+    cases.append((f"GQA, {_gqa_label(hidden, heads, kv)}, W_k carries the column maximum in columns "
+                  f"{sorted(k_cols[:2])} and W_v in column {k_cols[2]}, alpha={alphas[1]}",
+                  norm_weight, weights, act, alphas[1], ATTENTION))
+
+    hidden, heads, kv = gqa[2]
+    norm_weight, weights, act = _random_group(gen, hidden, _gqa_outs(hidden, heads, kv))
+    cases.append((f"GQA, {_gqa_label(hidden, heads, kv)}, alpha={alphas[2]}",
+                  norm_weight, weights, act, alphas[2], ATTENTION))
+
+    hidden, heads, kv = gqa[3]
+    norm_weight, weights, act = _random_group(gen, hidden, _gqa_outs(hidden, heads, kv))
+    dead, zero = rng.sample(range(hidden), 2)
+    act[dead] = 0.0  # a channel that never fired during calibration
+    for w in weights:
+        w[:, zero] = 0.0  # an input column no layer reads
+    cases.append((f"GQA, {_gqa_label(hidden, heads, kv)}, act_absmax 0 in channel {dead} and weight "
+                  f"column {zero} all zeros, alpha={alphas[3]}", norm_weight, weights, act, alphas[3],
+                  ATTENTION))
+
+    norm_weight, weights, act = _random_group(gen, hidden_mlp, [inter, inter])
+    cases.append((f"post_attention_layernorm -> gate_proj and up_proj (two layers [{inter}, {hidden_mlp}]), "
+                  f"alpha={alphas[4]}", norm_weight, weights, act, alphas[4], MLP_IN))
+
+    for label, norm_weight, weights, act, alpha, names in cases:
+        ctx.case = label
+        described = [f"weights[{i}] ({name})" for i, name in enumerate(names)]
+        given = [norm_weight.clone(), [w.clone() for w in weights], act.clone()]
+        given_items = list(given[1])
+        out = fn(*given, alpha)
+        for what, before, after in [("norm_weight", norm_weight, given[0]), ("act_absmax", act, given[2]),
+                                    *zip(described, weights, given_items, strict=True)]:
+            if not torch.equal(before, after):
+                ctx.fail(f"your function changed {what} in place; leave the inputs as they were and "
+                         "return new tensors")
+        if len(given[1]) != len(given_items) or any(a is not b for a, b in zip(given[1], given_items, strict=False)):
+            ctx.fail("your function replaced items of the weights list it was given; build a new list")
+
+        new_norm, new_weights = unpack_tuple(ctx, out, 2, "new_norm_weight, new_weights")
+        new_norm = expect_tensor(ctx, new_norm, "new_norm_weight", shape=tuple(norm_weight.shape),
+                                 dtype=norm_weight.dtype)
+        if not isinstance(new_weights, (list, tuple)):
+            ctx.fail(f"new_weights must be a list of tensors, got {type(new_weights).__name__}")
+        if len(new_weights) != len(weights):
+            ctx.fail(f"new_weights has {len(new_weights)} tensors, expected {len(weights)} (one per "
+                     f"layer in the group: {', '.join(names)})")
+        new_weights = [expect_tensor(ctx, got, f"new_{what}", shape=tuple(w.shape), dtype=w.dtype)
+                       for got, w, what in zip(new_weights, weights, described, strict=True)]
+        for what, got in [("new_norm_weight", new_norm), *zip([f"new_{d}" for d in described], new_weights,
+                                                              strict=True)]:
+            if not torch.isfinite(got).all():
+                index = tuple(int(i) for i in (~torch.isfinite(got)).nonzero()[0])
+                ctx.fail(f"{what} is {got[index].item()} at index {index}; clamp max|W_j| and s to at "
+                         "least 1e-5 so that a zero activation channel or weight column cannot give "
+                         "0, inf or nan")
+
+        # (b) the same function: RMSNorm(x) with the new weight, then the new layers
+        x = _randn(gen, tokens, norm_weight.shape[0])
+        x[:, act.argmax()] *= 25.0  # the outlier channel is large in x too
+        before, after = _rms_norm(x, norm_weight), _rms_norm(x, new_norm)
+        for name, w, got in zip(names, weights, new_weights, strict=True):
+            want = before @ w.double().t()
+            try:
+                expect_close(ctx, after @ got.double().t(), want, f"{name} output, smoothed vs original",
+                             rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+            except Mismatch as exc:
+                raise Mismatch(f"{exc}; RMSNorm with your new weight, then your new {name} weight, must "
+                               "compute what the original pair did (norm_weight / s, and input column j "
+                               "of every layer times s_j)") from None
+
+        # (a) the tensors themselves, against the library
+        s = _smoothing_scales(act, weights, alpha)
+        want_norm = norm_weight / s
+        bad = ~((new_norm.double() - want_norm.double()).abs() <= 1e-12 + 1e-4 * want_norm.double().abs())
+        if bad.any():
+            hint = _smoothing_hint(norm_weight, weights, names, act, alpha, new_norm, bad)
+            index = int(bad.nonzero()[0])
+            ctx.fail(f"new_norm_weight: {int(bad.sum())} of {bad.numel()} values differ; e.g. at "
+                     f"channel {index}: expected {want_norm[index].item():.6g} (norm_weight / s, "
+                     f"s = {s[index].item():.6g}), got {new_norm[index].item():.6g}{hint}")
+        for what, got, w in zip(described, new_weights, weights, strict=True):
+            expect_close(ctx, got, w * s, f"new_{what} (W * s, per input column)", rtol=1e-4, atol=1e-12)

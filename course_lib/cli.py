@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,7 +28,11 @@ def _build_exercises(args: argparse.Namespace) -> int:
 def _quantize(args: argparse.Namespace) -> int:
     from course_lib.quant.command import quantize_cli
 
-    return quantize_cli(args)
+    try:
+        return quantize_cli(args)
+    except (ValueError, FileNotFoundError) as exc:  # bad arguments for this model: say which
+        print(f"course-lib quantize: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _group_size(text: str) -> int | None:

@@ -117,3 +117,40 @@ def test_quantize_command_rejects_bad_group_size(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["quantize", "--group-size", "abc", "--out", str(tmp_path)])
     assert "group size must be a positive integer" in capsys.readouterr().err
+
+
+def test_quantize_command_on_smollm2_round_trips_identical_logits(smollm2, tmp_path, capsys) -> None:
+    """`course-lib quantize --model smollm2-135m`: GPTQ W4 g64 (128 does not divide its 576-wide
+    layers), a checkpoint that rebuilds the LLaMA offline and gives the same logits."""
+    from course_lib.cli import main
+
+    out = tmp_path / "smollm2-gptq"
+    code = main(["quantize", "--model", "smollm2-135m", "--method", "gptq", "--bits", "4",
+                 "--group-size", "64", "--dataset", "stdlib", "--n-samples", "2", "--seq-len", "32",
+                 "--eval-tokens", "256", "--quiet", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "smollm2-135m" and len(report["layers"]) == 30 * 7
+    assert report["layers"][0]["layer"] == "model.layers.0.self_attn.q_proj"
+    assert report["size_mb"]["after"] < report["size_mb"]["before"] / 2
+    loaded = load_quantized(out)
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    model, tokenizer = smollm2
+    ids = tokenizer("def add(a, b):\n    return a + b", return_tensors="pt").input_ids
+    again = load_quantized(out)
+    assert torch.equal(loaded(ids).logits, again(ids).logits)
+    # the quantized model is close to, but not the same as, the float one
+    float_logits = model(ids).logits
+    assert not torch.equal(loaded(ids).logits, float_logits)
+    assert torch.nn.functional.cosine_similarity(loaded(ids).logits.flatten(), float_logits.flatten(), dim=0) > 0.9
+
+
+def test_quantize_command_names_the_layer_a_group_size_does_not_divide(tmp_path, capsys) -> None:
+    from course_lib.cli import main
+
+    code = main(["quantize", "--model", "smollm2-135m", "--method", "rtn", "--group-size", "128",
+                 "--dataset", "stdlib", "--eval-tokens", "256", "--quiet", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "group_size 128 does not divide in_features=576 of model.layers.0.self_attn.q_proj" in err

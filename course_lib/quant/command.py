@@ -20,6 +20,7 @@ from course_lib.evaluation.report import model_size_bytes
 from course_lib.models.families import context_length
 from course_lib.models.hub import load_model
 from course_lib.quant.checkpoint import save_quantized
+from course_lib.quant.layerwise import check_group_size
 from course_lib.quant.methods import check_method, quantize_weights
 
 
@@ -51,6 +52,7 @@ def run_quantize(model_name: str, method: str, bits: int, group_size: int | None
     """
     check_method(method)
     model, tokenizer = load_model(model_name)
+    check_group_size(model, group_size)  # before minutes of scoring and calibration
     window = min(context_length(model.config), max_window)
     seq_len = min(seq_len, window)
     train, source = load_text(dataset, "train")
@@ -61,6 +63,7 @@ def run_quantize(model_name: str, method: str, bits: int, group_size: int | None
     eval_ids = encode(tokenizer, test)
     if eval_tokens is not None:
         eval_ids = eval_ids[:eval_tokens]
+    window = min(window, eval_ids.numel())  # fewer evaluation tokens than a window: one window
 
     def score(m: torch.nn.Module) -> float:
         return perplexity(m, ids=eval_ids, protocol="gptq", max_length=window, progress=progress).perplexity

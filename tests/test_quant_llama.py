@@ -219,3 +219,20 @@ def test_unknown_family_is_refused_by_every_pass():
                 lambda m: ptq.smooth_quant(m, ids, progress=False)):
         with pytest.raises(ValueError, match="not a model family the quantization passes know.*LLaMA"):
             run(Other())
+
+
+def test_dynamic_and_static_w8a8_cover_the_seven_projections_and_keep_lm_head_float():
+    model, ids = _model("hf"), _ids()
+    names = [f"model.layers.{i}.{n}" for i in range(2) for n in LINEARS]
+    dynamic, report = ptq.dynamic_quantize(model)
+    assert sorted(report.converted) == sorted(names)
+    assert isinstance(dynamic.lm_head, nn.Linear)
+    static = ptq.calibrate_w8a8(model, ids, progress=False)
+    fake = [n for n, m in static.named_modules() if isinstance(m, ptq.FakeQuantLinear)]
+    assert fake == names
+    assert static.lm_head.weight is static.model.embed_tokens.weight
+    # per-token W8A8 stays close to the float model; the quantization is really applied
+    per_token = ptq.calibrate_w8a8(model, None, "per_channel", "per_token", progress=False)
+    ref, out = _logits(model, ids), _logits(per_token, ids)
+    assert not torch.equal(out, ref)
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.99

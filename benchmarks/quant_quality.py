@@ -39,11 +39,11 @@ from course_lib.evaluation.quant_quality import (
     DEFAULT_CONFIGS,
     find_row,
     gap_closed,
+    precision_name,
     quality_sweep,
     quality_table,
     rows_to_dicts,
 )
-from course_lib.evaluation.quant_quality import precision_name
 from course_lib.models.families import context_length
 from course_lib.models.hub import load_model, resolve
 from course_lib.quant.layerwise import fitting_group_size

@@ -23,7 +23,6 @@ from course_lib.quant.checkpoint import save_quantized
 from course_lib.quant.layerwise import check_group_size
 from course_lib.quant.methods import check_method, quantize_weights
 
-
 #: Longest perplexity window (and calibration window) the quantize command uses.
 MAX_WINDOW = 2048
 

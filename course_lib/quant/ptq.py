@@ -41,7 +41,12 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from course_lib.quant import affine
-from course_lib.quant.layerwise import block_layout, check_calibration_ids, model_forward, transformer_blocks
+from course_lib.quant.layerwise import (
+    block_layout,
+    check_calibration_ids,
+    model_forward,
+    transformer_blocks,
+)
 from course_lib.quant.observers import OBSERVERS, make_observer
 from course_lib.quant.qlinear import is_linear_like, linear_weight, replace_module
 

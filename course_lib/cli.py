@@ -103,6 +103,8 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV})")
     p.add_argument("--max-queue", type=_positive, default=256,
                    help="waiting requests before new ones get 503 + Retry-After (default: 256)")
+    p.add_argument("--max-body-bytes", type=_positive, default=None,
+                   help="larger request bodies get 413 before they are read (default: 4 MiB)")
     p.add_argument("--max-num-seqs", type=_positive, default=32, help="running batch size (default: 32)")
     p.add_argument("--max-num-batched-tokens", type=_positive, default=512,
                    help="tokens per engine step (default: 512)")

@@ -14,11 +14,13 @@ them, which frees their KV blocks at once.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 
 import anyio
@@ -29,22 +31,27 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from course_lib import __version__
-from course_lib.serving.async_engine import AsyncLLMEngine, QueueFullError, RequestStream
+from course_lib.serving import openapi
+from course_lib.serving.async_engine import (
+    AsyncLLMEngine,
+    QueueFullError,
+    RequestFailed,
+    RequestStream,
+)
 from course_lib.serving.detokenizer import IncrementalText
 from course_lib.serving.engine import LLMEngine
+from course_lib.serving.guard import DEFAULT_MAX_BODY_BYTES, RequestGuard
 from course_lib.serving.metrics import ServerMetrics
+from course_lib.serving.prompts import chat_prompt, completion_prompts
 from course_lib.serving.protocol import (
-    MAX_CHOICES,
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
-    check_supported,
+    check_request_fields,
     error_body,
     new_id,
     now,
-    render_chat,
     sampling_params,
-    stop_strings,
     usage,
 )
 
@@ -58,10 +65,10 @@ class ServerState:
     """What the routes share: the engine once loaded, the status, the metrics."""
 
     def __init__(self, load_engine: Callable[[], LLMEngine], model_name: str, max_queue: int | None,
-                 on_load_error: Callable[[BaseException], None] | None = None):
+                 on_fatal_error: Callable[[BaseException], None] | None = None):
         self.load_engine, self.model_name, self.max_queue = load_engine, model_name, max_queue
-        self.on_load_error = on_load_error
-        self.status = "loading"  # -> ready -> draining; or failed
+        self.on_fatal_error = on_fatal_error
+        self.status = "loading"  # -> ready -> draining; or failed (loading), or dead (engine)
         self.engine: AsyncLLMEngine | None = None
         self.created = now()
         self.metrics = ServerMetrics(model_name, self._stats)
@@ -72,17 +79,24 @@ class ServerState:
     def load(self) -> None:
         """Build the engine (in a worker thread) and start it; on failure, report and stay 503."""
         try:
-            engine = AsyncLLMEngine(self.load_engine(), self.max_queue)
+            engine = AsyncLLMEngine(self.load_engine(), self.max_queue, on_dead=self.engine_died)
             engine.start()
         except BaseException as exc:  # noqa: BLE001 - reported, and /health says why
             self.status = "failed"
             log.exception("loading the model failed")
-            if self.on_load_error is not None:
-                self.on_load_error(exc)
+            if self.on_fatal_error is not None:
+                self.on_fatal_error(exc)
             return
         self.engine = engine
         if self.status == "loading":
             self.status = "ready"
+
+    def engine_died(self, exc: BaseException) -> None:
+        """The engine gave up (repeated step failures): 503 from now on, and the process is
+        told to exit so that an orchestrator restarts it (vLLM's EngineDeadError)."""
+        self.status = "dead"
+        if self.on_fatal_error is not None:
+            self.on_fatal_error(exc)
 
     def begin_drain(self) -> None:
         """Stop admitting requests (503) and fail the health check; running ones go on."""
@@ -91,7 +105,8 @@ class ServerState:
     def ready_engine(self) -> AsyncLLMEngine:
         if self.status != "ready" or self.engine is None:
             reason = {"loading": "the model is still loading", "draining": "the server is shutting down",
-                      "failed": "the model failed to load"}.get(self.status, self.status)
+                      "failed": "the model failed to load",
+                   "dead": "the engine failed and the server is restarting"}.get(self.status, self.status)
             raise APIError(503, f"service unavailable: {reason}", type="service_unavailable_error",
                            headers={"Retry-After": RETRY_AFTER})
         return self.engine
@@ -199,34 +214,33 @@ class Generation:
         self.state, self.stops = state, stops
         self.prompt_tokens = sum(len(p) for p in prompts)
         jobs = [(p, params_for(p, i)) for p in prompts for i in range(n)]
-        if len(jobs) > MAX_CHOICES:
-            raise APIError(400, f"n x prompts must be at most {MAX_CHOICES}, got {len(jobs)}", "n")
         for ids, params in jobs:  # every choice checked before any is queued
             try:
                 engine.check_request(ids, params)
             except ValueError as exc:
                 raise context_error(engine, ids, exc) from None
-        if not engine.has_room(len(jobs)):
-            raise APIError(503, f"the server's queue is full ({engine.num_waiting} waiting, limit "
-                                f"{engine.max_queue}); retry later", type="service_unavailable_error",
-                           code="queue_full", headers={"Retry-After": RETRY_AFTER})
         self.base_id = new_id("req")
-        try:
-            self.streams = [engine.submit(f"{self.base_id}-{i}", ids, params)
-                            for i, (ids, params) in enumerate(jobs)]
+        try:  # all choices or none
+            self.streams = engine.submit_all([(f"{self.base_id}-{i}", ids, params)
+                                              for i, (ids, params) in enumerate(jobs)])
         except QueueFullError as exc:
             raise APIError(503, str(exc), type="service_unavailable_error", code="queue_full",
                            headers={"Retry-After": RETRY_AFTER}) from None
+        except RequestFailed as exc:
+            raise failure_error(exc) from None
         self.reasons: dict[int, str] = {}
         self.completion_tokens: dict[int, int] = {}
+        self.itl: dict[int, list[float]] = {}
         self.finished = False
 
     async def _choice(self, index: int, stream: RequestStream) -> AsyncIterator[tuple[int, str, str | None]]:
         text = IncrementalText(self.state.engine.engine.tokenizer, self.stops)
-        async for out in stream:
+        itl = self.itl.setdefault(index, [])
+        async for out in stream:  # delta outputs: only the tokens new since the last one
             if out.finish_reason == "abort":
-                raise RuntimeError("the request was aborted by the server")
-            self.completion_tokens[index] = len(out.output_token_ids)
+                raise RequestFailed("the request was aborted by the server", 500)
+            self.completion_tokens[index] = out.num_output_tokens
+            itl += out.metrics.get("itl") or ()
             delta = text.update(out.output_token_ids, out.finished)
             reason = "stop" if text.stopped else out.finish_reason
             if text.stopped:
@@ -252,9 +266,19 @@ class Generation:
         for index, stream in enumerate(self.streams):
             stream.abort()
             metrics = dict(stream.last.metrics) if stream.last is not None else {}
+            metrics["itl"] = self.itl.get(index, [])
             if metrics.get("e2e") is None:  # stopped early: latency up to now
                 metrics["e2e"] = time.perf_counter() - stream.arrival_time
             self.state.metrics.observe_finished(metrics, self.reasons.get(index, "abort"))
+
+
+def failure_error(exc: RequestFailed) -> APIError:
+    """The JSON error for a request the server could not finish (500, or 503 + Retry-After)."""
+    if exc.status == 503:
+        return APIError(503, str(exc), type="service_unavailable_error",
+                        headers={"Retry-After": RETRY_AFTER})
+    return APIError(exc.status, str(exc), type="server_error" if exc.status >= 500 else
+                    "invalid_request_error", code="internal_error" if exc.status >= 500 else None)
 
 
 def context_error(engine: AsyncLLMEngine, ids: list[int], exc: ValueError) -> APIError:
@@ -269,20 +293,6 @@ def context_error(engine: AsyncLLMEngine, ids: list[int], exc: ValueError) -> AP
 # --- the app -------------------------------------------------------------------------------------
 
 
-def _tokenize_prompts(prompt, tokenizer) -> list[list[int]]:
-    """``prompt`` (text, texts, token ids, or lists of token ids) as lists of token ids."""
-    if isinstance(prompt, str):
-        prompt = [prompt]
-    if not prompt:
-        raise APIError(400, "prompt must not be empty", "prompt")
-    if isinstance(prompt[0], int):
-        prompt = [prompt]
-    out = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
-    if any(len(ids) == 0 for ids in out):
-        raise APIError(400, "prompt must contain at least one token", "prompt")
-    return out
-
-
 def _default_max_tokens(requested: int | None, context: int):
     """A ``params_for`` builder: the request's max_tokens, or what the context leaves."""
     def pick(ids: list[int]) -> int:
@@ -292,10 +302,15 @@ def _default_max_tokens(requested: int | None, context: int):
 
 def create_app(load_engine: Callable[[], LLMEngine], model_name: str = "tiny", *,
                api_key: str | None = None, max_queue: int | None = 256,
-               on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               on_fatal_error: Callable[[BaseException], None] | None = None) -> FastAPI:
     """The server: ``load_engine()`` runs in a thread once the server listens (``/health`` is
-    503 until it returns). ``api_key`` guards ``/v1/*`` (``Authorization: Bearer KEY``)."""
-    state = ServerState(load_engine, model_name, max_queue, on_load_error)
+    503 until it returns). ``api_key`` guards ``/v1/*`` (``Authorization: Bearer KEY``); bodies
+    over ``max_body_bytes`` get a 413. ``on_fatal_error`` is called if the model fails to load
+    or the engine dies: the process should then exit (``course-lib serve`` does)."""
+    state = ServerState(load_engine, model_name, max_queue, on_fatal_error)
+    # tokenizing runs here, off the event loop, so a big prompt never stalls other clients
+    tokenizer_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -306,16 +321,21 @@ def create_app(load_engine: Callable[[], LLMEngine], model_name: str = "tiny", *
             await loader
             if state.engine is not None:
                 state.engine.stop()
+            tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="course_lib OpenAI-compatible server", version=__version__, lifespan=lifespan)
     app.state.server = state
+    app.add_middleware(RequestGuard, max_body_bytes=max_body_bytes)
+
+    def error_response(status: int, body: dict, headers: dict | None = None) -> Response:
+        return Response(json.dumps(body), status, headers=headers, media_type="application/json")
 
     @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), exc.status, headers=exc.headers)
+    async def api_error(request: Request, exc: APIError) -> Response:
+        return error_response(exc.status, exc.body(), exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = loc[0] if loc else None  # the request's field (not pydantic's union branch)
@@ -324,18 +344,26 @@ def create_app(load_engine: Callable[[], LLMEngine], model_name: str = "tiny", *
             message, param = "the request body is not valid JSON", None
         elif param:
             message = f"{param}: {message}"
-        return JSONResponse(error_body(message, param=param), 400)
+        return error_response(400, error_body(message, param=param))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(exc.detail), kind), exc.status_code, headers=exc.headers)
+        code = "request_too_large" if exc.status_code == 413 else None
+        return error_response(exc.status_code, error_body(str(exc.detail), kind, code=code),
+                              exc.headers)
+
+    key_digest = None if api_key is None else hashlib.sha256(api_key.encode()).digest()
 
     def check_key(request: Request) -> None:
-        if api_key is None:
+        """Compare digests of the bytes sent: any header value (non-ASCII too) is just wrong,
+        and the comparison takes the same time whatever the key's length."""
+        if key_digest is None:
             return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), api_key):
+        raw = dict(request.scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = raw.partition(b" ")
+        sent = hashlib.sha256(token.strip()).digest()
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(sent, key_digest):
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
                            type="authentication_error", code="invalid_api_key")
 
@@ -344,7 +372,7 @@ def create_app(load_engine: Callable[[], LLMEngine], model_name: str = "tiny", *
             raise APIError(404, f"the model {name!r} does not exist; this server serves "
                                 f"{model_name!r}", "model", "not_found_error", "model_not_found")
 
-    @app.get("/health")
+    @app.get("/health", responses=openapi.responses(503))
     async def health() -> JSONResponse:
         ok = state.status == "ready"
         return JSONResponse({"status": state.status}, 200 if ok else 503,
@@ -354,32 +382,35 @@ def create_app(load_engine: Callable[[], LLMEngine], model_name: str = "tiny", *
     async def version() -> dict:
         return {"version": __version__}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses=openapi.TEXT_RESPONSE)
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    def start(body, prompt_of, max_tokens: int | None) -> Generation:
-        """Check a request and queue its choices. ``prompt_of(tokenizer)`` gives the prompt(s)
-        and any stop strings a chat template needs."""
+    async def start(body, prompt_of, max_tokens: int | None) -> Generation:
+        """Check a request and queue its choices. Every check that needs no model runs first;
+        then ``prompt_of(tokenizer, context)`` gives the token ids of the prompt(s) and any stop
+        strings a chat template needs, computed in a worker thread."""
         check_model(body.model)
-        check_supported(body)
+        stops = check_request_fields(body, max_tokens)
         engine = state.ready_engine()
-        prompt, template_stops = prompt_of(engine.engine.tokenizer)
-        prompts = _tokenize_prompts(prompt, engine.engine.tokenizer)
-        pick = _default_max_tokens(max_tokens, engine.engine.model.config.n_positions)
+        tokenizer, context = engine.engine.tokenizer, engine.engine.model.config.n_positions
+        prompts, template_stops = await asyncio.get_running_loop().run_in_executor(
+            tokenizer_pool, prompt_of, tokenizer, context)
+        pick = _default_max_tokens(max_tokens, context)
         return Generation(state, prompts, body.n, lambda ids, i: sampling_params(body, pick(ids), i),
-                          stop_strings(body.stop) + template_stops)
+                          stops + template_stops)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 
-    @v1.get("/models")
+    @v1.get("/models", responses=openapi.responses(401))
     async def models() -> dict:
         return {"object": "list", "data": [{"id": model_name, "object": "model",
                                             "created": state.created, "owned_by": "course_lib"}]}
 
-    @v1.post("/completions")
+    @v1.post("/completions", responses=openapi.GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request):
-        gen = start(body, lambda tokenizer: (body.prompt, []), body.max_tokens)
+        gen = await start(body, lambda tokenizer, context: (
+            completion_prompts(body.prompt, tokenizer, context), []), body.max_tokens)
         head = {"id": new_id("cmpl"), "object": "text_completion", "created": now(),
                 "model": model_name}
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -395,10 +426,15 @@ def create_app(load_engine: Callable[[], LLMEngine], model_name: str = "tiny", *
                    for i in range(len(texts))]
         return {**head, "choices": choices, "usage": gen.usage()}
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", responses=openapi.GENERATION_RESPONSES)
     async def chat(body: ChatCompletionRequest, request: Request):
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        gen = start(body, lambda tokenizer: render_chat(body.messages, tokenizer), requested)
+
+        def prompt_of(tokenizer, context: int) -> tuple[list[list[int]], list[str]]:
+            ids, stops = chat_prompt(body.messages, tokenizer, context)
+            return [ids], stops
+
+        gen = await start(body, prompt_of, requested)
         head = {"id": new_id("chatcmpl"), "object": "chat.completion.chunk", "created": now(),
                 "model": model_name}
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -419,24 +455,31 @@ def create_app(load_engine: Callable[[], LLMEngine], model_name: str = "tiny", *
         return {**head, "object": "chat.completion", "choices": choices, "usage": gen.usage()}
 
     app.include_router(v1)
+    openapi.install(app)
     return app
 
 
 async def _collect(gen: Generation, request: Request) -> tuple[list[str], list[str | None]]:
     """A non-streaming request's text and finish reason per choice; aborted if the client
-    leaves first."""
+    leaves first. A request the server could not finish is answered with its JSON error."""
     pieces: dict[int, list[str]] = {}
     reasons: dict[int, str | None] = {}
+    failure: list[RequestFailed] = []
 
     async def collect() -> None:
-        async for index, text, reason in gen.events():
-            pieces.setdefault(index, []).append(text)
-            reasons[index] = reason
+        try:
+            async for index, text, reason in gen.events():
+                pieces.setdefault(index, []).append(text)
+                reasons[index] = reason
+        except RequestFailed as exc:  # kept out of the task group, which would wrap it
+            failure.append(exc)
 
     try:
         await until_disconnect(request, collect())
     finally:
         gen.finish()
+    if failure:
+        raise failure_error(failure[0])
     n = len(gen.streams)
     return ["".join(pieces.get(i, [])) for i in range(n)], [reasons.get(i) for i in range(n)]
 
@@ -446,7 +489,8 @@ async def _stream(gen: Generation, first: list[dict], chunk, head: dict, include
     """SSE body: ``first`` chunks, one chunk per text delta, the usage chunk, ``[DONE]``.
 
     ``split`` (chat) sends the finish reason in its own chunk with an empty delta, as OpenAI
-    does. An error mid-stream becomes an error chunk; ``[DONE]`` always ends the stream.
+    does. An error mid-stream becomes an error chunk in OpenAI's shape; ``[DONE]`` always ends
+    the stream.
     """
     try:
         for payload in first:
@@ -461,8 +505,11 @@ async def _stream(gen: Generation, first: list[dict], chunk, head: dict, include
         if include_usage:
             yield sse({**head, "choices": [], "usage": gen.usage()})
     except Exception as exc:  # noqa: BLE001 - the client gets an error chunk, not a cut stream
-        log.exception("request %s failed mid-stream", gen.base_id)
-        yield sse(error_body(f"generation failed: {exc}", "server_error", code="internal_error"))
+        error = failure_error(exc if isinstance(exc, RequestFailed) else RequestFailed(
+            f"generation failed: {type(exc).__name__}: {exc}", 500))
+        if not isinstance(exc, RequestFailed):
+            log.exception("request %s failed mid-stream", gen.base_id)
+        yield sse(error.body())
     finally:
         gen.finish()
     yield sse("[DONE]")

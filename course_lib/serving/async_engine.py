@@ -15,9 +15,10 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from course_lib.serving.engine import LLMEngine, RequestOutput
+from course_lib.serving.engine import LLMEngine, RequestOutput, StepError
 from course_lib.serving.sequence import SamplingParams
 
 log = logging.getLogger("course_lib.serving")
@@ -25,6 +26,20 @@ log = logging.getLogger("course_lib.serving")
 
 class QueueFullError(RuntimeError):
     """The waiting queue is at its limit (the server answers 503 with Retry-After)."""
+
+
+class RequestFailed(RuntimeError):
+    """A request ended by the server, not by the client: ``status`` is the HTTP status to
+    answer with (500: its step failed; 503: the server shut down or the engine died)."""
+
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.status = status
+
+
+#: Consecutive failed steps after which the engine is declared dead (vLLM's EngineDeadError):
+#: one failure is a request's bad luck, several in a row mean the engine itself is broken.
+MAX_CONSECUTIVE_FAILURES = 3
 
 
 class RequestStream:
@@ -89,11 +104,17 @@ class AsyncLLMEngine:
     queueing requests it will only time out.
     """
 
-    def __init__(self, engine: LLMEngine, max_queue: int | None = None, idle_wait: float = 0.05):
+    def __init__(self, engine: LLMEngine, max_queue: int | None = None, idle_wait: float = 0.05,
+                 on_dead: Callable[[BaseException], None] | None = None,
+                 max_consecutive_failures: int = MAX_CONSECUTIVE_FAILURES):
         if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int)
                                       or max_queue < 1):
             raise ValueError(f"max_queue must be a positive integer or None, got {max_queue!r}")
         self.engine, self.max_queue, self.idle_wait = engine, max_queue, idle_wait
+        self.on_dead, self.max_consecutive_failures = on_dead, max_consecutive_failures
+        self.dead: BaseException | None = None  # set once the engine is declared dead
+        self._consecutive_failures = 0
+        self._logged: set[str] = set()  # failures already logged (each kind once, not per step)
         self._lock = threading.Lock()
         self._to_add: list[_Pending] = []
         self._to_abort: list[str] = []
@@ -138,27 +159,30 @@ class AsyncLLMEngine:
 
     def submit(self, request_id: str, prompt_token_ids: list[int],
                params: SamplingParams) -> RequestStream:
-        """Queue a request (checked first); raises :class:`QueueFullError` past ``max_queue``.
+        """Queue a request (checked first); raises :class:`QueueFullError` past ``max_queue``."""
+        return self.submit_all([(request_id, prompt_token_ids, params)])[0]
 
-        A caller submitting several at once (``n > 1``) asks :meth:`has_room` first, so they are
-        admitted all or none.
-        """
-        self.check_request(prompt_token_ids, params)
-        stream = RequestStream(self, request_id, time.perf_counter())
+    def submit_all(self, jobs: list[tuple[str, list[int], SamplingParams]]) -> list[RequestStream]:
+        """Queue several requests (``n`` choices, several prompts) all or none: each is checked,
+        and the queue limit applies to all of them, before any is queued."""
+        for _, ids, params in jobs:
+            self.check_request(ids, params)
+        if self.dead is not None:
+            raise RequestFailed(f"the engine is dead: {self.dead}", 503)
+        arrival = time.perf_counter()
+        streams = [RequestStream(self, request_id, arrival) for request_id, _, _ in jobs]
         with self._lock:
-            if request_id in self._streams:
-                raise ValueError(f"request id {request_id!r} is already in use")
-            if self.max_queue is not None and self.num_waiting >= self.max_queue:
+            taken = [r for r, _, _ in jobs if r in self._streams]
+            if taken or len({r for r, _, _ in jobs}) != len(jobs):
+                raise ValueError(f"request ids must be unused and distinct: {taken or jobs}")
+            if self.max_queue is not None and self.num_waiting + len(jobs) > self.max_queue:
                 raise QueueFullError(f"the server's queue is full ({self.num_waiting} waiting, "
                                      f"limit {self.max_queue}); retry later")
-            self._streams[request_id] = stream
-            self._to_add.append(_Pending(stream, list(prompt_token_ids), params))
+            for stream, (_, ids, params) in zip(streams, jobs, strict=True):
+                self._streams[stream.request_id] = stream
+                self._to_add.append(_Pending(stream, list(ids), params))
         self._wake.set()
-        return stream
-
-    def has_room(self, count: int) -> bool:
-        """Whether ``count`` more requests fit under ``max_queue`` right now."""
-        return self.max_queue is None or self.num_waiting + count <= self.max_queue
+        return streams
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -182,22 +206,58 @@ class AsyncLLMEngine:
 
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.clear()
-            self._take_commands()
-            if not (self.engine.has_unfinished_requests() or self.engine.finished_unreported):
+        try:
+            while not self._stop.is_set():
+                self._wake.clear()
+                self._take_commands()
+                if not (self.engine.has_unfinished_requests() or self.engine.finished_unreported):
+                    self.stats = self.engine.stats()
+                    self._wake.wait(self.idle_wait)
+                    continue
+                try:
+                    outputs = self.engine.step()
+                except StepError as exc:
+                    self._step_failed(exc)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - failed before it knew its requests
+                    involved = list(self._streams)
+                    self._fail_all(RequestFailed(f"generation failed: {exc}", 500))
+                    self._step_failed(StepError(involved, exc))
+                    continue
+                self._consecutive_failures = 0
                 self.stats = self.engine.stats()
-                self._wake.wait(self.idle_wait)
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as exc:  # noqa: BLE001 - report to every request, keep serving
-                log.exception("engine step failed; failing the requests in flight")
-                self._fail_all(exc)
-                continue
-            self.stats = self.engine.stats()
-            self._deliver_all(outputs)
-        self._fail_all(RuntimeError("the server is shutting down"))
+                self._deliver_all(outputs)
+        except Exception as exc:  # noqa: BLE001 - a bug outside step(): the engine cannot go on
+            self._die(exc)
+            return
+        self._fail_all(RequestFailed("the server is shutting down", 503))
+
+    def _step_failed(self, exc: StepError) -> None:
+        """Fail the requests of the failed step; too many failures in a row kill the engine."""
+        self._consecutive_failures += 1
+        key = str(exc)
+        if key not in self._logged:  # each kind of failure logged once, with its traceback
+            self._logged.add(key)
+            log.error("engine step failed (requests %s aborted)", exc.request_ids, exc_info=exc)
+        failure = RequestFailed(f"generation failed: {exc}", 500)
+        for request_id in exc.request_ids:
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                stream._put(failure)
+        self.stats = self.engine.stats()
+        if self._consecutive_failures >= self.max_consecutive_failures:
+            self._die(exc)
+
+    def _die(self, exc: BaseException) -> None:
+        """Declare the engine dead: fail everything, stop the thread, tell the server."""
+        log.critical("the engine is dead (%d failed step(s) in a row, last: %s); every request "
+                     "is failed and the server must restart", self._consecutive_failures, exc,
+                     exc_info=exc if str(exc) not in self._logged else None)
+        self.dead = exc
+        self._stop.set()
+        self._fail_all(RequestFailed(f"the engine is dead: {exc}", 503))
+        if self.on_dead is not None:
+            self.on_dead(exc)
 
     def _take_commands(self) -> None:
         with self._lock:
@@ -209,9 +269,9 @@ class AsyncLLMEngine:
             try:
                 self.engine.add_request(item.prompt_token_ids, item.params, stream.request_id,
                                         arrival_time=stream.arrival_time)
-            except ValueError as exc:
+            except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
                 self._streams.pop(stream.request_id, None)
-                stream._put(exc)
+                stream._put(RequestFailed(str(exc), 400 if isinstance(exc, ValueError) else 500))
         for request_id in to_abort:
             if not self.engine.abort(request_id):  # never added, or already finished
                 self._streams.pop(request_id, None)
@@ -235,15 +295,16 @@ class AsyncLLMEngine:
                 pass
 
     def _fail_all(self, exc: BaseException) -> None:
+        """End every request with ``exc``, including any sequence the scheduler holds that no
+        stream owns, and free every block."""
         for request_id in list(self._streams):
-            self.engine.abort(request_id)
-            stream = self._streams.pop(request_id)
-            stream._put(exc)
-        try:
-            self.engine.step()  # report (and forget) the aborts, freeing their blocks
-        except Exception:  # noqa: BLE001
-            log.exception("engine cleanup after a failure failed")
+            self._streams.pop(request_id)._put(exc)
+        for seq in [*self.engine.scheduler.running, *self.engine.scheduler.waiting]:
+            if not self.engine.abort(seq.request_id):
+                self.engine.scheduler.finish(seq)  # an orphan the engine does not know
+        self.engine.finished_unreported.clear()
+        self.engine.requests.clear()
         self.stats = self.engine.stats()
 
 
-__all__ = ["AsyncLLMEngine", "QueueFullError", "RequestStream"]
+__all__ = ["AsyncLLMEngine", "QueueFullError", "RequestFailed", "RequestStream"]

@@ -28,7 +28,12 @@ from course_lib.serving.sequence import SamplingParams, Sequence, SequenceStatus
 
 @dataclass
 class RequestOutput:
-    """What a step (or :meth:`LLMEngine.generate`) reports about one request."""
+    """What a step (or :meth:`LLMEngine.generate`) reports about one request.
+
+    With ``SamplingParams(output_kind="delta")``, ``output_token_ids`` holds only the tokens
+    since this request's previous output and ``metrics["itl"]`` only their gaps;
+    ``num_output_tokens`` is always the total so far.
+    """
 
     request_id: str
     prompt: str | None
@@ -39,6 +44,16 @@ class RequestOutput:
     finish_reason: str | None
     metrics: dict = field(default_factory=dict)
     num_cached_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+class StepError(RuntimeError):
+    """A step failed; the requests it was running (``request_ids``) were aborted and removed
+    from the scheduler, so the failure cannot leak into later steps. ``__cause__`` says why."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.request_ids = request_ids
 
 
 @dataclass
@@ -112,9 +127,11 @@ class LLMEngine:
         if request_id is not None and request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         seq = Sequence(ids, params, request_id, text, arrival_time)
-        self.scheduler.add(seq)
+        # everything that can fail is built before the scheduler sees the sequence: a request
+        # half-added would be scheduled with no owner, and break every later step
         seq.generator = (torch.Generator(device=self.device).manual_seed(params.seed)
                          if params.seed is not None else self.generator)
+        self.scheduler.add(seq)
         self.requests[seq.request_id] = seq
         return seq
 
@@ -157,9 +174,35 @@ class LLMEngine:
     # ---------------------------------------------------------------- one step
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
-        """Run one iteration; return an output for every request that got a token or finished."""
+        """Run one iteration; return an output for every request that got a token or finished.
+
+        If the forward pass or sampling fails, the sequences of this step are aborted and
+        removed, and :class:`StepError` names them; the engine stays usable for the others.
+        """
         start = time.perf_counter()
         plan = self.scheduler.schedule(start)
+        try:
+            updated = self._run_plan(plan)
+        except Exception as exc:
+            involved = [seq for seq, _ in plan.scheduled]
+            for seq in involved:
+                if not seq.is_finished:
+                    self.scheduler.finish(seq)
+                    seq.finish("abort")
+                self.requests.pop(seq.request_id, None)
+            raise StepError([seq.request_id for seq in involved], exc) from exc
+        self.steps.append(StepRecord(start, time.perf_counter(),
+                                     [(s.request_id, n) for s, n in plan.scheduled],
+                                     len(plan.preempted)))
+        updated += self.finished_unreported
+        self.finished_unreported = []
+        for seq in updated:
+            if seq.is_finished:
+                self.requests.pop(seq.request_id, None)
+        return [self._output(seq) for seq in updated]
+
+    def _run_plan(self, plan: SchedulerOutput) -> list[Sequence]:
+        """The forward pass and sampling of one step; returns the sequences that changed."""
         updated: list[Sequence] = []
         if not plan.is_empty:
             for src, dst in plan.copies:
@@ -184,15 +227,7 @@ class LLMEngine:
                     seq.finish(reason, now)
                     self.scheduler.finish(seq)
                 updated.append(seq)
-        self.steps.append(StepRecord(start, time.perf_counter(),
-                                     [(s.request_id, n) for s, n in plan.scheduled],
-                                     len(plan.preempted)))
-        updated += self.finished_unreported
-        self.finished_unreported = []
-        for seq in updated:
-            if seq.is_finished:
-                self.requests.pop(seq.request_id, None)
-        return [self._output(seq) for seq in updated]
+        return updated
 
     def _forward(self, plan: SchedulerOutput) -> torch.Tensor:
         """One forward pass over every scheduled sequence's new tokens -> logits [S, vocab]."""
@@ -216,12 +251,17 @@ class LLMEngine:
         return None
 
     def _output(self, seq: Sequence) -> RequestOutput:
+        if seq.params.output_kind == "delta":  # only what is new: O(1) per token, no text
+            since, seq.num_reported_tokens = seq.num_reported_tokens, seq.num_output_tokens
+            return RequestOutput(seq.request_id, seq.prompt, [], seq.token_ids[
+                seq.num_prompt_tokens + since:], None, seq.is_finished, seq.finish_reason,
+                seq.metrics(since), seq.num_cached_tokens, seq.num_output_tokens)
         text = None
         if self.tokenizer is not None and seq.is_finished:
             text = self.tokenizer.decode(seq.output_token_ids)
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, seq.output_token_ids,
                              text, seq.is_finished, seq.finish_reason, seq.metrics(),
-                             seq.num_cached_tokens)
+                             seq.num_cached_tokens, seq.num_output_tokens)
 
     # ---------------------------------------------------------------- offline batches
     def generate(self, prompts: list[str] | list[list[int]],
@@ -270,4 +310,5 @@ class LLMEngine:
                 "prefix_hit_rate": usage["prefix_hit_rate"]}
 
 
-__all__ = ["LLMEngine", "RequestOutput", "SamplingParams", "Sequence", "SequenceStatus", "StepRecord"]
+__all__ = ["LLMEngine", "RequestOutput", "SamplingParams", "Sequence", "SequenceStatus", "StepError",
+           "StepRecord"]

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
-from course_lib.serving.sequence import SamplingParams
+from course_lib.serving.sequence import SEED_MAX, SEED_MIN, SamplingParams
 
 #: Most completions one request may ask for (``n`` times the number of prompts).
 MAX_CHOICES = 16
 #: OpenAI allows at most four stop strings.
 MAX_STOP = 4
+#: Longest stop string, in characters. The streamer holds back ``len(longest stop) - 1``
+#: characters (they might start a stop string), so a huge one would hold back the whole answer.
+MAX_STOP_CHARS = 256
 
 
 class APIError(Exception):
@@ -42,6 +45,33 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape: every 4xx and 5xx this server sends has it (documented in
+    ``/openapi.json``)."""
+
+    error: ErrorDetail
+
+
+def documented(**schema) -> Any:
+    """A constraint published in ``/openapi.json`` but checked by the handler, not by pydantic:
+    the handler checks in a fixed order (model, empty prompt, stop, max_tokens, context), and a
+    pydantic failure would jump that order."""
+    return Field(json_schema_extra=schema)
+
+
+#: Text that must hold at least one token, and token ids (a model checks its own vocabulary).
+NonEmptyText = Annotated[str, documented(minLength=1)]
+TokenId = Annotated[StrictInt, Field(ge=0)]
+StopString = Annotated[str, documented(minLength=1, maxLength=MAX_STOP_CHARS)]
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: StrictBool = False
@@ -54,10 +84,10 @@ class _SamplingFields(BaseModel):
     model: str | None = None
     temperature: StrictFloat | None = Field(default=None, ge=0.0, le=2.0)
     top_p: StrictFloat | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: StrictInt | None = None
+    top_k: StrictInt | None = Field(default=None, ge=-1)
     n: StrictInt = Field(default=1, ge=1, le=MAX_CHOICES)
-    stop: str | list[str] | None = None
-    seed: StrictInt | None = None
+    stop: StopString | Annotated[list[StopString], documented(maxItems=MAX_STOP)] | None = None
+    seed: StrictInt | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     ignore_eos: StrictBool = False
@@ -73,9 +103,19 @@ class _SamplingFields(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
-    max_tokens: StrictInt | None = 16
+    prompt: (NonEmptyText
+             | Annotated[list[NonEmptyText], documented(minItems=1, maxItems=MAX_CHOICES)]
+             | Annotated[list[TokenId], documented(minItems=1)]
+             | Annotated[list[Annotated[list[TokenId], documented(minItems=1)]],
+                         documented(minItems=1, maxItems=MAX_CHOICES)])
+    max_tokens: StrictInt | None = Field(default=16, json_schema_extra={"minimum": 1})
     logprobs: StrictInt | None = None
+
+    def prompts(self) -> list:
+        """``prompt`` as a list of prompts (each a text or a list of token ids)."""
+        if isinstance(self.prompt, str) or not self.prompt or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 class ChatMessage(BaseModel):
@@ -99,9 +139,12 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: StrictInt | None = None
-    max_completion_tokens: StrictInt | None = None
+    max_tokens: StrictInt | None = Field(default=None, json_schema_extra={"minimum": 1})
+    max_completion_tokens: StrictInt | None = Field(default=None, json_schema_extra={"minimum": 1})
     logprobs: StrictBool | None = None
+
+    def prompts(self) -> list:
+        return [self.messages]
 
 
 #: Values that mean "feature off" for the OpenAI fields this server does not implement.
@@ -109,6 +152,28 @@ _UNSUPPORTED_OFF = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo"
                     "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}),
                     "tools": (None, []), "presence_penalty": (None, 0.0),
                     "frequency_penalty": (None, 0.0)}
+
+
+def check_request_fields(request: CompletionRequest | ChatCompletionRequest,
+                         max_tokens: int | None) -> list[str]:
+    """Every check that needs no model, run before anything is tokenized, in this order:
+    unsupported features, an empty prompt, the stop strings (returned, as a list),
+    ``max_tokens``, choices (``n`` x prompts) and seeds (``seed + n - 1`` must stay a signed
+    64-bit integer, as vLLM requires). A 400 names the field."""
+    check_supported(request)
+    prompts = request.prompts()
+    if any(len(p) == 0 for p in prompts):
+        raise APIError(400, "prompt must contain at least one token", "prompt")
+    stops = stop_strings(request.stop)
+    if max_tokens is not None and max_tokens < 1:
+        raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+    choices = request.n * len(prompts)
+    if choices > MAX_CHOICES:
+        raise APIError(400, f"n x prompts must be at most {MAX_CHOICES}, got {choices}", "n")
+    if request.seed is not None and request.seed + request.n - 1 > SEED_MAX:
+        raise APIError(400, f"seed + n - 1 must be at most {SEED_MAX} (choice i uses seed + i), "
+                            f"got {request.seed} + {request.n - 1}", "seed")
+    return stops
 
 
 def check_supported(request: _SamplingFields) -> None:
@@ -127,8 +192,8 @@ def stop_strings(stop: str | list[str] | None) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > MAX_STOP:
         raise APIError(400, f"stop accepts at most {MAX_STOP} strings, got {len(stops)}", "stop")
-    if any(s == "" for s in stops):
-        raise APIError(400, "stop strings must not be empty", "stop")
+    if any(not 1 <= len(s) <= MAX_STOP_CHARS for s in stops):
+        raise APIError(400, f"stop strings must hold 1 to {MAX_STOP_CHARS} characters", "stop")
     return stops
 
 
@@ -144,11 +209,14 @@ def sampling_params(request: _SamplingFields, max_tokens: int, index: int) -> Sa
     if top_k is not None and top_k != -1 and top_k < 1:
         raise APIError(400, f"top_k must be -1 (off) or >= 1, got {top_k}", "top_k")
     seed = None if request.seed is None else request.seed + index
-    return SamplingParams(max_tokens=max_tokens,
-                          temperature=1.0 if request.temperature is None else request.temperature,
-                          top_k=None if top_k in (None, -1) else top_k,
-                          top_p=None if request.top_p in (None, 1.0) else request.top_p,
-                          ignore_eos=request.ignore_eos, seed=seed)
+    try:
+            return SamplingParams(max_tokens=max_tokens,
+                              temperature=1.0 if request.temperature is None else request.temperature,
+                              top_k=None if top_k in (None, -1) else top_k,
+                              top_p=None if request.top_p in (None, 1.0) else request.top_p,
+                              ignore_eos=request.ignore_eos, seed=seed, output_kind="delta")
+    except ValueError as exc:  # the message starts with the field's name
+        raise APIError(400, str(exc), str(exc).split()[0]) from None
 
 
 # --- chat template ---------------------------------------------------------------------------

@@ -25,6 +25,15 @@ class SequenceStatus(enum.Enum):
 #: Why a sequence stopped: a stop token, its ``max_tokens``, or an abort (as OpenAI / vLLM name them).
 FINISH_REASONS = ("stop", "length", "abort")
 
+#: The seeds a request may carry: a signed 64-bit integer, as vLLM accepts (``torch.Generator``
+#: takes [-2**63, 2**64 - 1]; anything outside would fail only once the request is running).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+#: What each :class:`RequestOutput` of a request carries (vLLM's ``RequestOutputKind``): every
+#: output token so far (``cumulative``), or only the tokens since the last output (``delta``:
+#: what a streaming server wants, O(1) per token instead of O(output length)).
+OUTPUT_KINDS = ("cumulative", "delta")
+
 
 @dataclass
 class SamplingParams:
@@ -37,6 +46,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     seed: int | None = None
+    output_kind: str = "cumulative"
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) \
@@ -45,6 +55,11 @@ class SamplingParams:
         check_sampling_args(self.temperature, self.top_k, self.top_p)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must be in [{SEED_MIN}, {SEED_MAX}] (a signed 64-bit integer), "
+                             f"got {self.seed}")
+        if self.output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
 
 
 _ids = itertools.count()
@@ -70,6 +85,7 @@ class Sequence:
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.num_cached_tokens = 0  # of those, how many came from the prefix cache
         self.num_preemptions = 0
+        self.num_reported_tokens = 0  # output tokens already handed out (delta outputs)
         self.arrival_time = time.perf_counter() if arrival_time is None else arrival_time
         self.first_scheduled_time: float | None = None
         self.token_times: list[float] = []  # when each output token was produced
@@ -119,14 +135,19 @@ class Sequence:
         self.finish_time = time.perf_counter() if now is None else now
 
     # ---------------------------------------------------------------- metrics
-    def metrics(self) -> dict[str, float | list[float] | None]:
-        """Seconds: queue time, time to first token, inter-token latencies, end-to-end latency."""
+    def metrics(self, since: int = 0) -> dict[str, float | list[float] | None]:
+        """Seconds: queue time, time to first token, inter-token latencies, end-to-end latency.
+
+        ``itl`` holds the gaps before output tokens ``since`` onwards (a delta output passes the
+        tokens it already reported, so a long stream costs O(1) per token, not O(length)).
+        """
         first = self.token_times[0] if self.token_times else None
+        times = self.token_times[max(since - 1, 0):]
         return {
             "queue_time": (None if self.first_scheduled_time is None
                            else self.first_scheduled_time - self.arrival_time),
             "ttft": None if first is None else first - self.arrival_time,
-            "itl": [b - a for a, b in itertools.pairwise(self.token_times)],
+            "itl": [b - a for a, b in itertools.pairwise(times)],
             "e2e": None if self.finish_time is None else self.finish_time - self.arrival_time,
         }
 

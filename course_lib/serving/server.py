@@ -18,6 +18,7 @@ import uvicorn
 
 from course_lib.serving.api import ServerState, create_app
 from course_lib.serving.engine import LLMEngine
+from course_lib.serving.guard import DEFAULT_MAX_BODY_BYTES
 
 log = logging.getLogger("course_lib.serving")
 
@@ -79,13 +80,16 @@ class DrainingServer(uvicorn.Server):
             await asyncio.sleep(0.2)
         self.should_exit = True
 
-    def load_failed(self, exc: BaseException) -> None:
+    def fatal_error(self, exc: BaseException) -> None:
+        """The model failed to load or the engine died: exit (code 1) so it can be restarted.
+        Called from a worker thread; uvicorn polls ``should_exit``."""
         self.failed = True
         self.should_exit = True
 
 
 def serve_cli(args: argparse.Namespace) -> int:
-    """Run the server until SIGTERM / Ctrl-C; 0 after a clean shutdown, 1 if loading failed."""
+    """Run the server until SIGTERM / Ctrl-C; 0 after a clean shutdown, 1 if loading failed or
+    the engine died."""
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     # The engine thread and the event loop share the GIL; a thread waiting for it waits up to
     # the switch interval (5 ms by default), a big slice of a CPU decode step. Hand over sooner.
@@ -95,8 +99,8 @@ def serve_cli(args: argparse.Namespace) -> int:
                          max_num_batched_tokens=args.max_num_batched_tokens, record_steps=1000)
     holder: dict[str, DrainingServer] = {}
     app = create_app(load, args.served_model_name or args.model, api_key=args.api_key,
-                     max_queue=args.max_queue,
-                     on_load_error=lambda exc: holder["server"].load_failed(exc))
+                     max_queue=args.max_queue, max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
+                     on_fatal_error=lambda exc: holder["server"].fatal_error(exc))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=2)
     server = holder["server"] = DrainingServer(config, app.state.server, args.shutdown_timeout)

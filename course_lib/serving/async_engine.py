@@ -192,7 +192,7 @@ class AsyncLLMEngine:
     def abort_all(self, reason: str) -> None:
         """End every request now with an error (``reason``): e.g. a shutdown timeout ran out."""
         with self._lock:
-            self._fail_with = RuntimeError(reason)
+            self._fail_with = RequestFailed(reason, 503)
         self._wake.set()
 
     async def wait_until_idle(self, timeout: float) -> bool:

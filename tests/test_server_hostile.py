@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
 
 import httpx
-import psutil
 import pytest
 from test_api import PROMPT, ServerThread, metric, serve, wait_for
 
@@ -22,6 +22,7 @@ from course_lib.serving import api as api_module
 from course_lib.serving.api import create_app
 from course_lib.serving.async_engine import AsyncLLMEngine
 from course_lib.serving.engine import LLMEngine, StepError
+from course_lib.serving.launch import ServerProcess
 from course_lib.serving.protocol import ErrorResponse
 from course_lib.serving.sequence import SEED_MAX, SEED_MIN, SamplingParams
 
@@ -233,8 +234,6 @@ def chunks(total: int, size: int = 2**20):
 def test_big_bodies_get_413_while_health_stays_fast(tiny):
     limit = 2**20
     with serve(tiny, max_body_bytes=limit) as s:
-        process = psutil.Process()
-        rss = process.memory_info().rss
         with HealthProbe(s.url) as probe:
             for headers in ({}, {"content-length": str(64 * 2**20 + 14)}):
                 try:
@@ -246,7 +245,40 @@ def test_big_bodies_get_413_while_health_stays_fast(tiny):
             r = post(s, {"prompt": "x" * (limit + 1)})
             assert r.status_code == 413
         assert probe.failures == 0 and probe.worst < 1.0
-        assert process.memory_info().rss - rss < 200 * 2**20
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident set (VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_hostile_bodies_do_not_grow_the_server_process():
+    """The real server process, default limits: a body over the limit, and bodies just under it
+    made of millions of tiny items (token ids, messages, content parts, texts) are refused, with
+    the process's *peak* memory growing by less than 200 MB and /health always answering."""
+    bodies = [
+        (b'{"prompt": [' + b",".join([b"7"] * 2_000_000) + b"]}", "prompt"),
+        (b'{"prompt": [' + b",".join([b"[7]"] * 1_000_000) + b"]}", "prompt"),
+        (b'{"prompt": [' + b",".join([b'"a"'] * 1_000_000) + b"]}", "prompt"),
+        (b'{"messages": [' + b",".join([b'{"role":"user"}'] * 250_000) + b"]}", "messages"),
+        (b'{"messages": [{"role": "user", "content": [' +
+         b",".join([b'{"type":"text","text":"a"}'] * 150_000) + b"]}]}", "messages"),
+        (json.dumps({"prompt": ["word " * 7_000] * 16}).encode(), "prompt"),
+        (json.dumps({"prompt": "x" * (8 * 2**20)}).encode(), None),  # over the limit: 413
+    ]
+    with ServerProcess("--model", "tiny", threads=1) as server, HealthProbe(server.url) as probe:
+        before = peak_rss(server.proc.pid)
+        for body, param in bodies:
+            path = "/v1/chat/completions" if body.startswith(b'{"messages"') else "/v1/completions"
+            r = httpx.post(server.url + path, content=body, timeout=60,
+                           headers={"content-type": "application/json"})
+            assert r.status_code == (400 if param else 413), r.text[:300]
+            assert error_of(r)["param"] == param
+        growth = peak_rss(server.proc.pid) - before
+    assert growth < 200 * 2**20, f"peak RSS grew by {growth / 2**20:.0f} MB"
+    assert probe.failures == 0 and probe.worst < 1.0
 
 
 def test_a_maximal_prompt_is_refused_without_freezing_the_server(tiny):
@@ -340,8 +372,63 @@ def test_the_openapi_schema_documents_what_the_server_sends(server):
         assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}
     assert list(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
     assert "HTTPValidationError" not in doc["components"]["schemas"]
-    prompt = doc["components"]["schemas"]["CompletionRequest"]["properties"]["prompt"]["anyOf"]
+    prompt = doc["components"]["schemas"]["CompletionRequest"]["properties"]["prompt"]["oneOf"]
     assert {"type": "string", "minLength": 1} in prompt  # "" is refused, and documented so
+    assert all(shape.get("maxItems") for shape in prompt if shape["type"] == "array")
     # a real error body matches the documented schema
     ErrorResponse.model_validate(post(server, {"prompt": ""}).json())
     assert httpx.get(server.url + "/metrics").headers["content-type"].startswith("text/plain")
+
+
+BROKEN_ENGINE = """
+import sys
+from course_lib.serving.engine import LLMEngine
+
+def broken(self, plan):
+    raise RuntimeError("simulated GPU fault")
+
+LLMEngine._forward = broken
+from course_lib.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_cli_serve_exits_1_when_the_engine_dies(tmp_path):
+    """The real command, with every forward pass failing: requests get JSON errors, then the
+    process exits 1 by itself (an orchestrator restarts it) instead of serving 500s forever."""
+    import subprocess
+    import sys
+
+    from course_lib.serving.launch import free_port
+
+    script = tmp_path / "broken_serve.py"
+    script.write_text(BROKEN_ENGINE)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(script), "serve", "--model", "tiny", "--port",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert wait_for(lambda: _health(url) == 200, timeout=120)
+        statuses = []
+        for _ in range(6):
+            try:
+                r = httpx.post(url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 2},
+                               timeout=30)
+            except httpx.TransportError:
+                break  # already gone
+            statuses.append(r.status_code)
+            assert set(r.json()["error"]) == ERROR_KEYS
+        assert statuses and statuses[0] == 500
+        assert proc.wait(30) == 1
+        log = proc.stderr.read().decode()
+        assert 1 <= log.count("simulated GPU fault") < 10, log  # once per kind, not per step
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _health(url: str) -> int | None:
+    try:
+        return httpx.get(url + "/health", timeout=2).status_code
+    except httpx.TransportError:
+        return None

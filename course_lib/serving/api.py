@@ -40,7 +40,7 @@ from course_lib.serving.async_engine import (
 )
 from course_lib.serving.detokenizer import IncrementalText
 from course_lib.serving.engine import LLMEngine
-from course_lib.serving.guard import DEFAULT_MAX_BODY_BYTES, RequestGuard
+from course_lib.serving.guard import DEFAULT_MAX_BODY_BYTES, JSONRoute, RequestGuard
 from course_lib.serving.metrics import ServerMetrics
 from course_lib.serving.prompts import chat_prompt, completion_prompts
 from course_lib.serving.protocol import (
@@ -400,7 +400,7 @@ def create_app(load_engine: Callable[[], LLMEngine], model_name: str = "tiny", *
         return Generation(state, prompts, body.n, lambda ids, i: sampling_params(body, pick(ids), i),
                           stops + template_stops)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)], route_class=JSONRoute)
 
     @v1.get("/models", responses=openapi.responses(401))
     async def models() -> dict:

@@ -13,7 +13,16 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    Tag,
+)
 
 from course_lib.serving.sequence import SEED_MAX, SEED_MIN, SamplingParams
 
@@ -24,6 +33,11 @@ MAX_STOP = 4
 #: Longest stop string, in characters. The streamer holds back ``len(longest stop) - 1``
 #: characters (they might start a stop string), so a huge one would hold back the whole answer.
 MAX_STOP_CHARS = 256
+#: Caps on lists a body can hold, so a 4 MiB body of tiny items cannot make pydantic build
+#: hundreds of MB of objects before any other check: no model this server loads has a context
+#: over 128K tokens (the model's own context is checked after), and no chat needs more messages.
+MAX_PROMPT_TOKENS = 2**17
+MAX_MESSAGES = 4096
 
 
 class APIError(Exception):
@@ -66,6 +80,24 @@ def documented(**schema) -> Any:
     return Field(json_schema_extra=schema)
 
 
+def _prompt_shape(value: Any) -> str | None:
+    """Which of ``prompt``'s four shapes a value has, from its type and its first item's: the
+    only branch pydantic then validates (trying every branch of a union on a list of a million
+    items would build an error per item, for seconds)."""
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        first = value[0] if value else None
+        return {str: "texts", list: "token_id_lists"}.get(type(first), "token_ids")
+    return None
+
+
+def _list(max_items: int) -> Any:
+    """A list of at most ``max_items`` (checked by pydantic, early) and at least one (checked by
+    the handler, in its order, see :func:`documented`)."""
+    return Field(max_length=max_items, json_schema_extra={"minItems": 1})
+
+
 #: Text that must hold at least one token, and token ids (a model checks its own vocabulary).
 NonEmptyText = Annotated[str, documented(minLength=1)]
 TokenId = Annotated[StrictInt, Field(ge=0)]
@@ -103,11 +135,13 @@ class _SamplingFields(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: (NonEmptyText
-             | Annotated[list[NonEmptyText], documented(minItems=1, maxItems=MAX_CHOICES)]
-             | Annotated[list[TokenId], documented(minItems=1)]
-             | Annotated[list[Annotated[list[TokenId], documented(minItems=1)]],
-                         documented(minItems=1, maxItems=MAX_CHOICES)])
+    prompt: Annotated[
+        Annotated[NonEmptyText, Tag("text")]
+        | Annotated[list[NonEmptyText], _list(MAX_CHOICES), Tag("texts")]
+        | Annotated[list[TokenId], _list(MAX_PROMPT_TOKENS), Tag("token_ids")]
+        | Annotated[list[Annotated[list[TokenId], _list(MAX_PROMPT_TOKENS)]], _list(MAX_CHOICES),
+                    Tag("token_id_lists")],
+        Discriminator(_prompt_shape)]
     max_tokens: StrictInt | None = Field(default=16, json_schema_extra={"minimum": 1})
     logprobs: StrictInt | None = None
 
@@ -121,7 +155,7 @@ class CompletionRequest(_SamplingFields):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | Annotated[list[dict[str, Any]], Field(max_length=MAX_MESSAGES)] | None = None
 
     def text(self) -> str:
         """The message's text; content parts of other types than ``text`` are refused."""
@@ -138,7 +172,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: StrictInt | None = Field(default=None, json_schema_extra={"minimum": 1})
     max_completion_tokens: StrictInt | None = Field(default=None, json_schema_extra={"minimum": 1})
     logprobs: StrictBool | None = None

@@ -57,11 +57,14 @@ def serve_result() -> dict:
                 "failed": failed, "errors": []}
 
     return {"benchmark": "serve", "machine": FACTS["machine"], "device": "cpu",
-            "settings": {"model": "tiny", "threads": 1, "output_len": 64, "soak_concurrency": 32,
-                         "soak_duration": 60.0, "duration": 10.0, "quick": False},
+            "settings": {"model": "tiny", "threads": 1, "output_len": 64, "soak_concurrency": 128,
+                         "soak_duration": 60.0, "soak_max_queue": 8, "duration": 10.0, "quick": False},
             "levels": [level(1, 70.0), level(2, 80.0), level(8, 240.0), level(32, 350.0, 352, 352)],
             "ratio_repeats": [level(1, 60.0), level(8, 250.0), level(1, 65.0), level(8, 260.0)],
-            "soak_passed": True, "c8_over_c1_output_throughput": 250.0 / 65.0}
+            "soak": {**level(128, 500.0, 5349, 535), "duration_limit": 60.0, "rejected": 4814},
+            "hostile_soak": {**level(128, 400.0, 5143, 397), "duration_limit": 60.0, "rejected": 4746},
+            "soak_passed": True, "hostile_soak_passed": False,
+            "c8_over_c1_output_throughput": 250.0 / 65.0}
 
 
 def speculative_result(mismatch: bool = False) -> dict:
@@ -170,8 +173,10 @@ def test_ratios_come_with_their_baselines(tmp_path):
     assert (r.measured, r.baseline, r.ratio, r.met) == ("c=8 250.0 tok/s", "c=1 65.0 tok/s", "3.85x", True)
     r = by_claim(rows, "serve", "server output tok/s at 32 concurrent clients vs 1 (sweep)")
     assert (r.measured, r.baseline, r.ratio, r.met) == ("c=32 350.0 tok/s", "c=1 70.0 tok/s", "5.00x", None)
-    r = by_claim(rows, "serve", "server soak")
-    assert r.measured == "352/352 completed, 0 failed" and r.met is True
+    r = by_claim(rows, "serve", "server soak, plain: 128 concurrent streaming clients for 60 s, --max-queue 8")
+    assert r.measured == "535/5349 completed, 0 failed, 4814 rejected (503 + Retry-After)" and r.met is True
+    r = by_claim(rows, "serve", "server soak, with hostile clients")
+    assert r.measured.startswith("397/5143 completed") and r.met is False
 
     r = by_claim(rows, "speculative", "speculative decoding (best of ours: ours k=5) vs target-only")
     assert (r.measured, r.baseline, r.ratio, r.met) == ("240.0 tok/s", "target-only 150.0 tok/s", "1.60x", True)

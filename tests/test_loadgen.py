@@ -114,6 +114,32 @@ def test_summarize_counts_goodput_and_percentile_keys():
     assert "goodput" not in summarize(results, 2.0)
 
 
+def test_summarize_counts_a_rejection_apart_from_failures():
+    results = [_result(0.1, 0.02, 11),
+               RequestResult(False, 0, 0, 0.0, [], 0.1, "HTTP 503: queue full", rejected=True,
+                             retry_after=1.0),
+               RequestResult(False, 0, 0, 0.0, [], 0.1, "HTTP 503: no header")]
+    s = summarize(results, duration=1.0)
+    assert (s["completed"], s["failed"], s["rejected"]) == (1, 1, 1)
+    assert s["errors"] == ["HTTP 503: no header"]  # the failures' errors only
+    assert s["request_throughput"] == pytest.approx(1.0)
+    assert summarize([_result(0.1, 0.02, 3)], 1.0)["rejected"] == 0
+
+
+def test_parse_retry_after():
+    from datetime import datetime, timedelta, timezone
+    from email.utils import format_datetime
+
+    assert loadgen.parse_retry_after("1") == 1.0
+    assert loadgen.parse_retry_after(" 0 ") == 0.0
+    for bad in (None, "", "soon", "-1", "1.5", "inf"):
+        assert loadgen.parse_retry_after(bad) is None, bad
+    soon = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
+    assert loadgen.parse_retry_after(soon) == pytest.approx(30, abs=2)
+    past = format_datetime(datetime.now(timezone.utc) - timedelta(seconds=30), usegmt=True)
+    assert loadgen.parse_retry_after(past) == 0.0
+
+
 def test_summarize_without_successes_has_no_latencies():
     s = summarize([RequestResult(False, error="x")], 1.0)
     assert s["completed"] == 0 and s["mean_ttft_ms"] is None and s["output_throughput"] == 0
@@ -158,8 +184,11 @@ class FakeServer:
 
     ``/ok``: one chunk per 2 tokens (the usage chunk counts them all), an empty chunk first;
     ``/nousage``: no usage chunk; ``/mixed``: request i gets 503 when i % 4 == 1 and an error
-    chunk mid-stream when i % 4 == 3; ``/nodone``: no ``data: [DONE]``. Records its peak number
-    of requests in flight and the last request body.
+    chunk mid-stream when i % 4 == 3; ``/nodone``: no ``data: [DONE]``. ``/shed``: request i
+    gets the real server's queue-full answer (503, ``Retry-After: 1``) when i is even;
+    ``/shed-noheader``, ``/shed-badheader`` and ``/shed-429`` the same but without Retry-After,
+    with ``Retry-After: soon``, and as a 429. Records its peak number of requests in flight and
+    the last request body.
     """
 
     def __init__(self, chunk_sleep: float = 0.01):
@@ -178,6 +207,14 @@ class FakeServer:
             if variant == "mixed" and i % 4 == 1:
                 return JSONResponse({"error": {"message": "queue full", "type": "server_busy",
                                                "param": None, "code": 503}}, status_code=503)
+            if variant.startswith("shed") and i % 2 == 0:
+                headers = {"shed": {"Retry-After": "1"}, "shed-badheader": {"Retry-After": "soon"},
+                           "shed-429": {"Retry-After": "1"}}.get(variant)
+                return JSONResponse({"error": {"message": "the waiting queue is full",
+                                               "type": "service_unavailable_error", "param": None,
+                                               "code": "queue_full"}},
+                                    status_code=429 if variant == "shed-429" else 503,
+                                    headers=headers)
             self.in_flight += 1
             self.peak = max(self.peak, self.in_flight)
             n = body["max_tokens"]
@@ -279,6 +316,73 @@ def test_run_load_records_failures_without_raising(fake):
 
     s = _run(fake.url + "/nodone", num_prompts=2)["summary"]
     assert s["failed"] == 2 and "[DONE]" in s["errors"][0]
+
+
+def test_run_load_503_with_retry_after_is_rejected_not_failed(fake, tmp_path, capsys):
+    fake.reset()
+    out = _run(fake.url + "/shed", num_prompts=8)
+    s = out["summary"]
+    assert (s["completed"], s["rejected"], s["failed"]) == (4, 4, 0)
+    assert s["errors"] == [] and s["total_output_tokens"] == 4 * 6
+    rejected = [r for r in out["requests"] if r["rejected"]]
+    assert len(rejected) == 4 and not any(r["success"] for r in rejected)
+    assert all(r["error"].startswith("HTTP 503: the waiting queue is full") for r in rejected)
+    assert "Rejected requests" in loadgen.format_summary(s)
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    loadgen.add_bench_serve_arguments(parser)
+    fake.reset()  # rejections alone do not fail the command
+    assert loadgen.bench_serve_cli(parser.parse_args(["--url", fake.url + "/shed", "--quiet",
+                                                      "--num-prompts", "4"])) == 0
+
+
+@pytest.mark.parametrize("variant", ["shed-noheader", "shed-badheader", "shed-429"])
+def test_run_load_shedding_without_a_valid_retry_after_is_a_failure(fake, variant):
+    fake.reset()
+    out = _run(fake.url + "/" + variant, num_prompts=4)
+    s = out["summary"]
+    assert (s["completed"], s["rejected"], s["failed"]) == (2, 0, 2)
+    assert not any(r["rejected"] for r in out["requests"])
+
+
+def test_run_load_stream_without_done_or_with_error_chunk_is_a_failure(fake):
+    s = _run(fake.url + "/nodone", num_prompts=2)["summary"]
+    assert (s["completed"], s["rejected"], s["failed"]) == (0, 0, 2)
+    fake.reset()
+    s = _run(fake.url + "/mixed", num_prompts=4)["summary"]  # a 503 without Retry-After, an error chunk
+    assert (s["completed"], s["rejected"], s["failed"]) == (2, 0, 2)
+
+
+def test_closed_loop_client_waits_retry_after_capped(fake):
+    fake.reset()  # one client: rejected, ok, rejected
+    t = time.perf_counter()
+    out = _run(fake.url + "/shed", num_prompts=3, max_concurrency=1, retry_after_cap=0.3)
+    elapsed = time.perf_counter() - t
+    r = out["requests"]
+    assert [x["rejected"] for x in r] == [True, False, True]
+    gap = r[1]["start"] - (r[0]["start"] + r[0]["e2e"])
+    assert 0.28 <= gap < 0.6  # waited the cap (0.3 s), not Retry-After's 1 s
+    assert 0.55 <= elapsed < 1.5  # the last rejected request waited too
+    fake.reset()  # without a cap below it, the client waits the whole second
+    out = _run(fake.url + "/shed", num_prompts=2, max_concurrency=1)
+    r = out["requests"]
+    assert 0.95 <= r[1]["start"] - (r[0]["start"] + r[0]["e2e"]) < 1.5
+
+
+def test_retry_wait_ends_with_the_duration(fake):
+    fake.reset()
+    t = time.perf_counter()
+    out = _run(fake.url + "/shed", num_prompts=100, max_concurrency=1, duration=0.3)
+    assert time.perf_counter() - t < 0.7  # not the 1 s Retry-After
+    assert out["config"]["issued"] == 1 and out["summary"]["rejected"] == 1
+
+
+def test_open_loop_does_not_wait_after_a_rejection(fake):
+    fake.reset()
+    t = time.perf_counter()
+    s = _run(fake.url + "/shed", num_prompts=6)["summary"]
+    assert s["rejected"] == 3 and time.perf_counter() - t < 0.9
 
 
 def test_run_load_connection_refused_is_a_failure():

@@ -349,9 +349,7 @@ def create_app(load_engine: Callable[[], LLMEngine], model_name: str = "tiny", *
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        code = "request_too_large" if exc.status_code == 413 else None
-        return error_response(exc.status_code, error_body(str(exc.detail), kind, code=code),
-                              exc.headers)
+        return error_response(exc.status_code, error_body(str(exc.detail), kind), exc.headers)
 
     key_digest = None if api_key is None else hashlib.sha256(api_key.encode()).digest()
 

@@ -40,6 +40,8 @@ class RequestFailed(RuntimeError):
 #: Consecutive failed steps after which the engine is declared dead (vLLM's EngineDeadError):
 #: one failure is a request's bad luck, several in a row mean the engine itself is broken.
 MAX_CONSECUTIVE_FAILURES = 3
+#: Distinct kinds of failure logged with a traceback (then no more: a log must not grow forever).
+MAX_LOGGED_KINDS = 64
 
 
 class RequestStream:
@@ -236,8 +238,8 @@ class AsyncLLMEngine:
         """Fail the requests of the failed step; too many failures in a row kill the engine."""
         self._consecutive_failures += 1
         key = str(exc)
-        if key not in self._logged:  # each kind of failure logged once, with its traceback
-            self._logged.add(key)
+        if key not in self._logged and len(self._logged) < MAX_LOGGED_KINDS:
+            self._logged.add(key)  # each kind of failure logged once, with its traceback
             log.error("engine step failed (requests %s aborted)", exc.request_ids, exc_info=exc)
         failure = RequestFailed(f"generation failed: {exc}", 500)
         for request_id in exc.request_ids:

@@ -4,7 +4,9 @@ An ASGI middleware, so it sees every request before FastAPI does:
 
 - **Body size.** A body over ``max_body_bytes`` gets a 413 before it is parsed: at once when
   ``Content-Length`` says so, or as soon as the bytes read pass the limit (chunked uploads).
-  Without it a client could make the server hold and parse a body of any size.
+  Without it a client could make the server hold and parse a body of any size. The rest of
+  the body is then read and dropped, within bounds, before the connection closes, so that a
+  client that writes its whole body before reading sees the 413 and not a reset.
 - **JSON parsing.** A body within the limit can still hold a million tiny arrays; building them
   makes Python's cyclic garbage collector run full passes over the growing heap, which takes
   about 10x the parse itself (a second, with the event loop, and ``/health``, blocked).
@@ -21,10 +23,11 @@ import gc
 import json
 import logging
 
+import anyio
 from fastapi import Request
 from fastapi.routing import APIRoute
-from starlette.exceptions import HTTPException
 
+from course_lib.serving.async_engine import MAX_LOGGED_KINDS
 from course_lib.serving.protocol import error_body
 
 log = logging.getLogger("course_lib.serving")
@@ -33,27 +36,32 @@ log = logging.getLogger("course_lib.serving")
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 
 
-class BodyTooLarge(HTTPException):
-    """Raised while the body is read; an HTTPException so FastAPI's body parsing passes it on
-    (as a 413) instead of turning it into "error parsing the body"."""
-
-    def __init__(self, limit: int):
-        super().__init__(413, f"the request body is larger than this server's limit of {limit} "
-                              "bytes", {"Connection": "close"})
-
-
-async def send_error(send, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
+async def send_error(send, status: int, body: dict, headers: dict[str, str] | None = None,
+                     more_body: bool = False) -> None:
     """An error response in OpenAI's shape. ``json.dumps`` escapes non-ASCII, so no text a
-    client sent (even an unpaired surrogate) can make the error itself fail to encode."""
+    client sent (even an unpaired surrogate) can make the error itself fail to encode.
+    ``more_body`` leaves the response open (the caller ends it with an empty body message)."""
     payload = json.dumps(body).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": payload})
+    await send({"type": "http.response.body", "body": payload, "more_body": more_body})
+
+
+#: After a 413, how much more of the body is read and thrown away, and for how long, before the
+#: connection is closed (nginx's "lingering close"): a client that sends its whole body before
+#: reading (httpx, the openai client) would otherwise see a connection reset, not the 413.
+DRAIN_MAX_BYTES = 256 * 2**20
+DRAIN_MAX_SECONDS = 10.0
 
 
 class RequestGuard:
-    """ASGI middleware: 413 past ``max_body_bytes``; a JSON 500 for anything a route raises."""
+    """ASGI middleware: 413 past ``max_body_bytes``; a JSON 500 for anything a route raises.
+
+    The body is read here, up to the limit, before the app sees the request (FastAPI would read
+    it whole anyway), then replayed to the app; later ``receive`` calls (a streaming route
+    waiting for the client to disconnect) go through to the server.
+    """
 
     def __init__(self, app, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
         if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
@@ -61,18 +69,55 @@ class RequestGuard:
         self.app, self.max_body_bytes = app, max_body_bytes
         self.logged: set[str] = set()
 
-    def too_large(self) -> dict:
-        return error_body(f"the request body is larger than this server's limit of "
-                          f"{self.max_body_bytes} bytes", param=None, code="request_too_large")
-
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            status = 413 if length.isdigit() else 400
-            body = self.too_large() if status == 413 else error_body("invalid Content-Length")
-            return await send_error(send, status, body, {"Connection": "close"})
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
+        if length is not None and not length.isdigit():
+            return await send_error(send, 400, error_body("invalid Content-Length header"),
+                                    {"Connection": "close"})
+        if length is not None and int(length) > self.max_body_bytes:
+            return await self._refuse(receive, send, headers)
+        body = await self._read_body(receive)
+        if body is None:
+            return await self._refuse(receive, send, headers)
+        if body is False:  # the client left while sending
+            return None
+        await self._run_app(scope, _replay(body, receive), send)
+
+    async def _read_body(self, receive) -> bytes | None | bool:
+        """The whole body, or None once it passes the limit, or False if the client left."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return False
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _refuse(self, receive, send, headers: dict) -> None:
+        """413, then read and drop what the client still sends (bounded), then close."""
+        message = error_body(f"the request body is larger than this server's limit of "
+                             f"{self.max_body_bytes} bytes", code="request_too_large")
+        await send_error(send, 413, message, {"Connection": "close"}, more_body=True)
+        if headers.get(b"expect", b"").lower() != b"100-continue":  # else it was never sent
+            drained = 0
+            with anyio.move_on_after(DRAIN_MAX_SECONDS):
+                while drained <= DRAIN_MAX_BYTES:
+                    message = await receive()
+                    drained += len(message.get("body", b""))
+                    if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                        break
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _run_app(self, scope, receive, send) -> None:
+        """The app; anything it raises is answered with a JSON 500 if nothing was sent yet."""
         started = False
 
         async def tracking_send(message) -> None:
@@ -81,13 +126,10 @@ class RequestGuard:
             await send(message)
 
         try:
-            await self.app(scope, self._limited(receive), tracking_send)
-        except BodyTooLarge:
-            if not started:
-                await send_error(send, 413, self.too_large(), {"Connection": "close"})
+            await self.app(scope, receive, tracking_send)
         except Exception as exc:  # noqa: BLE001 - the one place unexpected errors are answered
             kind = f"{type(exc).__name__}: {exc}"[:200]
-            if kind not in self.logged:
+            if kind not in self.logged and len(self.logged) < MAX_LOGGED_KINDS:
                 self.logged.add(kind)
                 log.error("unexpected error in %s %s", scope.get("method"), scope.get("path"),
                           exc_info=exc)
@@ -95,19 +137,18 @@ class RequestGuard:
                 await send_error(send, 500, error_body(f"internal server error ({type(exc).__name__})",
                                                        "server_error", code="internal_error"))
 
-    def _limited(self, receive):
-        """``receive`` that raises :class:`BodyTooLarge` once the body passes the limit."""
-        seen = 0
 
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_body_bytes:
-                    raise BodyTooLarge(self.max_body_bytes)
-            return message
-        return limited_receive
+def _replay(body: bytes, receive):
+    """A ``receive`` that hands out ``body`` once, then passes through to the server's."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+    return replay
 
 
 def parse_json(body: bytes):

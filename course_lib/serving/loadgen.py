@@ -11,6 +11,12 @@ chunk of every stream. From those times it computes the serving metrics the cour
 - **throughput** (requests/s, output tokens/s) and **goodput**: requests per second that met
   every service-level objective (SLO), e.g. TTFT <= 500 ms and TPOT <= 50 ms.
 
+A 503 that carries ``Retry-After`` is the server shedding load as it should (its queue is
+full): it is counted as **rejected**, not failed, and in closed-loop mode (``max_concurrency``)
+that client waits the Retry-After seconds (at most ``retry_after_cap``) before its next request.
+Anything else that is not a complete stream (another status, a 503 without Retry-After, an
+error chunk, no ``data: [DONE]``, a broken connection) is a **failure**.
+
 It only talks to servers on this machine (:func:`check_loopback`): it is a course tool, and a
 load test against someone else's server is an attack on it.
 
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import email.utils
 import ipaddress
 import json
 import math
@@ -32,6 +39,8 @@ from urllib.parse import urlsplit
 import numpy as np
 
 SLO_KEYS = ("ttft", "tpot", "e2e")
+#: Longest wait (s) a closed-loop client honours after a 503 + Retry-After.
+RETRY_AFTER_CAP = 2.0
 # Words that are one token each for GPT-2-style BPE tokenizers (with a leading space), so a
 # prompt of n words is about n tokens; the server's usage chunk reports the exact count.
 WORDS = ("self return def import if else for in None True False class value name data result "
@@ -51,6 +60,8 @@ class RequestResult:
     token_times: list[float] = field(default_factory=list)  # each chunk that carried new text
     end: float = 0.0
     error: str | None = None
+    rejected: bool = False  # a 503 with Retry-After: the server shed it (not a failure)
+    retry_after: float | None = None  # the seconds it asked for
 
     def metrics(self) -> dict | None:
         """:func:`latency_metrics` of a successful request with text, else None."""
@@ -118,12 +129,14 @@ def summarize(results: list[RequestResult], duration: float, slos: dict | None =
     if duration <= 0:
         raise ValueError(f"duration must be > 0 seconds, got {duration}")
     ok = [r for r in results if r.success]
+    rejected = [r for r in results if not r.success and r.rejected]
+    failed = [r for r in results if not r.success and not r.rejected]
     metrics = [m for m in (r.metrics() for r in ok) if m is not None]
     prompt = sum(r.prompt_tokens for r in ok)
     output = sum(r.output_tokens for r in ok)
-    errors = list(dict.fromkeys(r.error for r in results if not r.success))
+    errors = list(dict.fromkeys(r.error for r in failed))
     summary = {
-        "completed": len(ok), "failed": len(results) - len(ok), "errors": errors[:5],
+        "completed": len(ok), "failed": len(failed), "rejected": len(rejected), "errors": errors[:5],
         "duration": duration, "total_input_tokens": prompt, "total_output_tokens": output,
         "request_throughput": len(ok) / duration, "output_throughput": output / duration,
         "total_token_throughput": (prompt + output) / duration,
@@ -172,6 +185,23 @@ def random_prompt(rng: np.random.Generator, prompt_len: int) -> str:
     return " ".join(rng.choice(WORDS, size=prompt_len))
 
 
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delay-seconds or an HTTP date); None if absent or
+    not valid."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None or when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
 async def _send(client, endpoint: str, payload: dict, headers: dict) -> RequestResult:
     """One streaming request; every failure is recorded in the result, never raised."""
     result = RequestResult(start=time.perf_counter())
@@ -184,6 +214,9 @@ async def _send(client, endpoint: str, payload: dict, headers: dict) -> RequestR
                 except (ValueError, KeyError, TypeError):
                     pass
                 result.error = f"HTTP {response.status_code}: {str(body)[:200]}"
+                if response.status_code == 503:
+                    result.retry_after = parse_retry_after(response.headers.get("retry-after"))
+                    result.rejected = result.retry_after is not None
                 return result
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
@@ -216,11 +249,15 @@ async def run_load(url: str, model: str, *, num_prompts: int, request_rate: floa
                    burstiness: float = 1.0, max_concurrency: int | None = None,
                    duration: float | None = None, prompt_len: int = 32, output_len: int = 32,
                    seed: int = 0, api_key: str | None = None, progress: bool = True,
-                   timeout: float = 300.0, slos: dict[str, float] | None = None) -> dict:
+                   timeout: float = 300.0, slos: dict[str, float] | None = None,
+                   retry_after_cap: float = RETRY_AFTER_CAP) -> dict:
     """Send up to ``num_prompts`` streaming requests (for at most ``duration`` s); measure them.
 
     Requests start on the arrival schedule; with ``max_concurrency`` one waits for a free slot.
-    No new request starts after ``duration`` seconds; those in flight are waited for.
+    No new request starts after ``duration`` seconds; those in flight are waited for. With
+    ``max_concurrency`` (a closed loop of clients), a client whose request was rejected (503 +
+    Retry-After) keeps its slot for the Retry-After seconds, at most ``retry_after_cap`` and
+    never past ``duration``, before it sends again.
     Returns ``{"config", "summary", "requests"}`` (see :func:`summarize`; goodput under ``slos``,
     in seconds as :func:`parse_slos` returns them).
     """
@@ -234,6 +271,8 @@ async def run_load(url: str, model: str, *, num_prompts: int, request_rate: floa
             raise ValueError(f"{name} must be >= 1, got {value}")
     if duration is not None and not duration > 0:
         raise ValueError(f"duration must be > 0 seconds, got {duration}")
+    if not retry_after_cap >= 0:
+        raise ValueError(f"retry_after_cap must be >= 0 seconds, got {retry_after_cap}")
     gaps = arrival_intervals(num_prompts, request_rate, burstiness, seed)
     rng = np.random.default_rng([seed, 1])  # prompts: a stream apart from the arrivals'
     arrivals = np.concatenate([[0.0], np.cumsum(gaps[:-1])])  # request 0 leaves at t = 0
@@ -248,7 +287,14 @@ async def run_load(url: str, model: str, *, num_prompts: int, request_rate: floa
 
         async def one(payload: dict) -> RequestResult:
             try:
-                return await _send(client, endpoint, payload, headers)
+                result = await _send(client, endpoint, payload, headers)
+                if slots and result.rejected:  # this client backs off before its next request
+                    wait = min(result.retry_after, retry_after_cap)
+                    if duration is not None:
+                        wait = min(wait, t0 + duration - time.perf_counter())
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                return result
             finally:
                 if slots:
                     slots.release()
@@ -275,11 +321,12 @@ async def run_load(url: str, model: str, *, num_prompts: int, request_rate: floa
     config = {"url": url, "model": model, "num_prompts": num_prompts, "issued": len(tasks),
               "request_rate": "inf" if math.isinf(request_rate) else request_rate,
               "burstiness": burstiness, "max_concurrency": max_concurrency, "duration": duration,
-              "prompt_len": prompt_len, "output_len": output_len, "seed": seed}
+              "prompt_len": prompt_len, "output_len": output_len, "seed": seed,
+              "retry_after_cap": retry_after_cap}
     requests = []
     for r in results:
         m = r.metrics() or {"ttft": None, "tpot": None, "itl": None}
-        requests.append({"success": r.success, "prompt_tokens": r.prompt_tokens,
+        requests.append({"success": r.success, "rejected": r.rejected, "prompt_tokens": r.prompt_tokens,
                          "output_tokens": r.output_tokens, "start": r.start - t0,
                          "ttft": m["ttft"], "tpot": m["tpot"], "e2e": r.end - r.start,
                          "itl": m["itl"], "error": r.error})
@@ -294,11 +341,13 @@ def format_summary(summary: dict, title: str = "Serving Benchmark Result") -> st
         return f"{label:<40}{text:>10}"
 
     lines = [f"{title:=^50}", row("Successful requests:", summary["completed"], "d"),
-             row("Failed requests:", summary["failed"], "d"),
-             row("Benchmark duration (s):", summary["duration"]),
-             row("Total input tokens:", summary["total_input_tokens"], "d"),
-             row("Total generated tokens:", summary["total_output_tokens"], "d"),
-             row("Request throughput (req/s):", summary["request_throughput"])]
+             row("Failed requests:", summary["failed"], "d")]
+    if summary.get("rejected"):
+        lines.append(row("Rejected requests (503 + Retry-After):", summary["rejected"], "d"))
+    lines += [row("Benchmark duration (s):", summary["duration"]),
+              row("Total input tokens:", summary["total_input_tokens"], "d"),
+              row("Total generated tokens:", summary["total_output_tokens"], "d"),
+              row("Request throughput (req/s):", summary["request_throughput"])]
     if "goodput" in summary:
         lines.append(row("Request goodput (req/s):", summary["goodput"]))
     lines += [row("Output token throughput (tok/s):", summary["output_throughput"]),
@@ -339,7 +388,8 @@ def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def bench_serve_cli(args: argparse.Namespace) -> int:
-    """Run :func:`run_load` from parsed arguments; 0 if every request succeeded, 1 if not, 2 on bad input."""
+    """Run :func:`run_load` from parsed arguments; 0 if no request failed (a rejection, 503 +
+    Retry-After, is not a failure), 1 if one did, 2 on bad input."""
     try:
         slos = parse_slos(args.goodput) if args.goodput else None
         result = asyncio.run(run_load(

@@ -16,6 +16,8 @@ import time
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_api import PROMPT, ServerThread, metric, serve, wait_for
 
 from course_lib.serving import api as api_module
@@ -23,6 +25,7 @@ from course_lib.serving.api import create_app
 from course_lib.serving.async_engine import AsyncLLMEngine
 from course_lib.serving.engine import LLMEngine, StepError
 from course_lib.serving.launch import ServerProcess
+from course_lib.serving.prompts import surely_longer
 from course_lib.serving.protocol import ErrorResponse
 from course_lib.serving.sequence import SEED_MAX, SEED_MIN, SamplingParams
 
@@ -275,6 +278,15 @@ def test_hostile_bodies_do_not_grow_the_server_process():
         (b'{"messages": [{"role": "user", "content": [' +
          b",".join([b'{"type":"text","text":"a"}'] * 150_000) + b"]}]}", "messages"),
         (json.dumps({"prompt": ["word " * 7_000] * 16}).encode(), "prompt"),
+        # a million bad items: pydantic must stop at the first, not build an error per item
+        (b'{"prompt": "a", "stop": [' + b",".join([b"0"] * 1_000_000) + b"]}", "stop"),
+        (b'{"prompt": [[' + b",".join([b"[]"] * 1_000_000) + b"]]}", "prompt"),
+        (b'{"prompt": [' + b",".join([b"[" + b",".join([b"[]"] * 131_072) + b"]"] * 10) + b"]}",
+         "prompt"),  # within every length cap, a million bad items
+        (b'{"messages": [' + b",".join([b'{"role": "user", "content": [' +
+                                        b",".join([b"1"] * 4000) + b"]}"] * 450) + b"]}", "messages"),
+        (b'{"messages": [{"role": "user", "content": [' + b",".join([b"1"] * 1_000_000) +
+         b"]}]}", "messages"),
         (json.dumps({"prompt": "x" * (8 * 2**20)}).encode(), None),  # over the limit: 413
     ]
     with ServerProcess("--model", "tiny", threads=1) as server, HealthProbe(server.url) as probe:
@@ -301,6 +313,65 @@ def test_a_maximal_prompt_is_refused_without_freezing_the_server(tiny):
                     "/v1/chat/completions")
         assert chat.status_code == 400 and error_of(chat)["param"] == "messages"
     assert probe.failures == 0 and probe.worst < 1.0
+
+
+@pytest.fixture(scope="module")
+def long_tokens(tiny) -> list[str]:
+    """The tiny tokenizer's tokens of 6+ characters: text made of them has few tokens per
+    character, so it is long enough to be tokenized in slices."""
+    tokenizer = tiny[1]
+    texts = {tokenizer.decode([i]) for i in range(len(tokenizer))}
+    return sorted(t for t in texts if len(t) >= 6 and "\ufffd" not in t)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_slicing_never_refuses_a_prompt_that_fits(tiny, long_tokens, data):
+    """The early refusal of long prompts is only ever right: a text of exactly ``context``
+    tokens, however it is cut into slices, is never called longer (what a cut adds is allowed
+    for); and one well over the context is."""
+    words = data.draw(st.lists(st.sampled_from(long_tokens), min_size=1, max_size=400))
+    text = "".join(words)
+    n = len(tiny[1].encode(text))
+    assert not surely_longer(text, tiny[1], n)
+    assert n < 300 or surely_longer(text, tiny[1], n // 4)
+
+
+def test_too_many_choices_for_the_queue_is_a_400_not_an_endless_503(tiny):
+    with serve(tiny, max_queue=4) as s:
+        r = post(s, {"prompt": PROMPT, "n": 5, "max_tokens": 2})
+        assert r.status_code == 400 and error_of(r)["param"] == "n"
+        assert post(s, {"prompt": PROMPT, "n": 4, "max_tokens": 2}).status_code == 200
+
+
+def test_no_request_is_taken_once_the_engine_stopped(tiny):
+    """A request queued just as the engine dies is failed, never left waiting forever."""
+    async def run():
+        engine = AsyncLLMEngine(LLMEngine(*tiny, num_blocks=16))  # (thread not started)
+        queued = engine.submit("early", [1, 2, 3], SamplingParams(max_tokens=2))
+        engine._die(RuntimeError("simulated fault"))
+        with pytest.raises(RuntimeError, match="dead"):
+            engine.submit("late", [1, 2, 3], SamplingParams(max_tokens=2))
+        with pytest.raises(RuntimeError, match="dead"):
+            async for _ in queued:
+                pass
+        return engine
+
+    engine = asyncio.run(run())
+    assert engine.num_unfinished == 0 and not engine.engine.has_unfinished_requests()
+
+
+def test_an_empty_api_key_is_refused_at_startup(tiny):
+    for key in ("", "  "):
+        with pytest.raises(ValueError, match="API key"):
+            create_app(lambda: None, "tiny", api_key=key)
+
+
+def test_a_chat_that_fits_after_the_template_is_served(server):
+    # the tiny model's template strips each message: 40,000 trailing spaces render to nothing
+    r = post(server, {"messages": [{"role": "user", "content": "hi" + " " * 40_000}],
+                      "max_tokens": 2}, "/v1/chat/completions")
+    assert r.status_code == 200
 
 
 def test_choices_are_counted_before_anything_is_tokenized(server, monkeypatch):

@@ -228,6 +228,8 @@ class Generation:
                            headers={"Retry-After": RETRY_AFTER}) from None
         except RequestFailed as exc:
             raise failure_error(exc) from None
+        except ValueError as exc:  # more choices than the queue can ever hold
+            raise APIError(400, str(exc), "n") from None
         self.reasons: dict[int, str] = {}
         self.completion_tokens: dict[int, int] = {}
         self.itl: dict[int, list[float]] = {}
@@ -308,6 +310,8 @@ def create_app(load_engine: Callable[[], LLMEngine], model_name: str = "tiny", *
     503 until it returns). ``api_key`` guards ``/v1/*`` (``Authorization: Bearer KEY``); bodies
     over ``max_body_bytes`` get a 413. ``on_fatal_error`` is called if the model fails to load
     or the engine dies: the process should then exit (``course-lib serve`` does)."""
+    if api_key is not None and not api_key.strip():
+        raise ValueError("the API key must not be empty or blank (leave it unset for no key)")
     state = ServerState(load_engine, model_name, max_queue, on_fatal_error)
     # tokenizing runs here, off the event loop, so a big prompt never stalls other clients
     tokenizer_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")

@@ -115,6 +115,7 @@ class AsyncLLMEngine:
         self.engine, self.max_queue, self.idle_wait = engine, max_queue, idle_wait
         self.on_dead, self.max_consecutive_failures = on_dead, max_consecutive_failures
         self.dead: BaseException | None = None  # set once the engine is declared dead
+        self._closed: RequestFailed | None = None  # set, under the lock, once no request is taken
         self._consecutive_failures = 0
         self._logged: set[str] = set()  # failures already logged (each kind once, not per step)
         self._lock = threading.Lock()
@@ -169,11 +170,14 @@ class AsyncLLMEngine:
         and the queue limit applies to all of them, before any is queued."""
         for _, ids, params in jobs:
             self.check_request(ids, params)
-        if self.dead is not None:
-            raise RequestFailed(f"the engine is dead: {self.dead}", 503)
+        if self.max_queue is not None and len(jobs) > self.max_queue:
+            raise ValueError(f"{len(jobs)} requests at once can never be queued: the queue holds "
+                             f"at most {self.max_queue} (--max-queue)")
         arrival = time.perf_counter()
         streams = [RequestStream(self, request_id, arrival) for request_id, _, _ in jobs]
         with self._lock:
+            if self._closed is not None:  # the engine thread has stopped taking requests
+                raise RequestFailed(str(self._closed), 503)
             taken = [r for r, _, _ in jobs if r in self._streams]
             if taken or len({r for r, _, _ in jobs}) != len(jobs):
                 raise ValueError(f"request ids must be unused and distinct: {taken or jobs}")
@@ -232,7 +236,18 @@ class AsyncLLMEngine:
         except Exception as exc:  # noqa: BLE001 - a bug outside step(): the engine cannot go on
             self._die(exc)
             return
-        self._fail_all(RequestFailed("the server is shutting down", 503))
+        self._close(RequestFailed("the server is shutting down", 503))
+
+    def _close(self, failure: RequestFailed) -> None:
+        """Stop taking requests (under the lock, so none slips in after) and fail every one
+        still queued or running with ``failure``."""
+        with self._lock:
+            self._closed = failure
+            pending, self._to_add = self._to_add, []
+        for item in pending:
+            self._streams.pop(item.stream.request_id, None)
+            item.stream._put(failure)
+        self._fail_all(failure)
 
     def _step_failed(self, exc: StepError) -> None:
         """Fail the requests of the failed step; too many failures in a row kill the engine."""
@@ -257,7 +272,7 @@ class AsyncLLMEngine:
                      exc_info=exc if str(exc) not in self._logged else None)
         self.dead = exc
         self._stop.set()
-        self._fail_all(RequestFailed(f"the engine is dead: {exc}", 503))
+        self._close(RequestFailed(f"the engine is dead: {exc}", 503))
         if self.on_dead is not None:
             self.on_dead(exc)
 

@@ -80,14 +80,15 @@ class RequestGuard:
         if length is not None and int(length) > self.max_body_bytes:
             return await self._refuse(receive, send, headers)
         body = await self._read_body(receive)
-        if body is None:
-            return await self._refuse(receive, send, headers)
+        if body is None or body is True:  # True: over the limit, and nothing more will come
+            return await self._refuse(receive, send, headers, drain=body is None)
         if body is False:  # the client left while sending
             return None
         await self._run_app(scope, _replay(body, receive), send)
 
     async def _read_body(self, receive) -> bytes | None | bool:
-        """The whole body, or None once it passes the limit, or False if the client left."""
+        """The whole body; None once it passes the limit with more to come, True if its last
+        chunk passed the limit; False if the client left."""
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -96,17 +97,17 @@ class RequestGuard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                return None
+                return True if not message.get("more_body", False) else None
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _refuse(self, receive, send, headers: dict) -> None:
+    async def _refuse(self, receive, send, headers: dict, drain: bool = True) -> None:
         """413, then read and drop what the client still sends (bounded), then close."""
         message = error_body(f"the request body is larger than this server's limit of "
                              f"{self.max_body_bytes} bytes", code="request_too_large")
         await send_error(send, 413, message, {"Connection": "close"}, more_body=True)
-        if headers.get(b"expect", b"").lower() != b"100-continue":  # else it was never sent
+        if drain and headers.get(b"expect", b"").lower() != b"100-continue":  # (never sent)
             drained = 0
             with anyio.move_on_after(DRAIN_MAX_SECONDS):
                 while drained <= DRAIN_MAX_BYTES:

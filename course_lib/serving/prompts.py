@@ -6,7 +6,9 @@ any limit on it is known: a 50 MB prompt would take a minute to tokenize, only t
 not fitting the context. So the text is measured first. No token decodes to more characters than
 the longest entry in the vocabulary (``max_token_chars``), so a text longer than ``(context + 1)
 x max_token_chars`` characters holds more than ``context`` tokens for sure, and is refused
-without being tokenized. Anything shorter costs at most that many characters of tokenizing.
+without being tokenized. A shorter one that is still long is tokenized a slice at a time (cut
+at whitespace), and refused as soon as the slices hold more tokens than the context plus what
+cutting could have added: an over-long prompt costs a slice or two of tokenizing, not all of it.
 The server runs these functions in a worker thread, off the event loop (as vLLM does), so even
 that bounded work never stalls other clients or ``/health``.
 """
@@ -43,11 +45,33 @@ def too_long(context: int, field: str, tokens: str) -> APIError:
                          f"{context} tokens", field, code="context_length_exceeded")
 
 
+def surely_longer(text: str, tokenizer, context: int) -> bool:
+    """Whether ``text`` has more than ``context`` tokens, found by tokenizing slices of about
+    ``4 x (context + 1)`` characters until their tokens, less ``2 x max_token_chars`` per cut
+    (the most a cut inside a word can add), pass ``context``. False means "maybe not"."""
+    size, slack = 4 * (context + 1), 2 * max_token_chars(tokenizer)
+    if len(text) <= size:
+        return False
+    tokens = cuts = start = 0
+    while start < len(text):
+        end = min(start + size, len(text))
+        space = text.rfind(" ", start + size // 2, end) if end < len(text) else -1
+        end = space if space > start else end
+        tokens += len(tokenizer.encode(text[start:end], add_special_tokens=False))
+        cuts += end < len(text)  # a cut at this slice's end may have added tokens to it too
+        if tokens - slack * cuts > context:
+            return True
+        start = end
+    return False
+
+
 def encode_text(text: str, tokenizer, context: int, field: str) -> list[int]:
     """Token ids of ``text``; a 400 naming ``field`` if it is not valid Unicode, is empty once
-    tokenized, or cannot fit the context (refused before tokenizing when it is plainly too long)."""
+    tokenized, or cannot fit the context (refused before tokenizing it all when it is plainly
+    too long)."""
     check_text(text, field)
-    if len(text) > (context + 1) * max_token_chars(tokenizer):
+    if len(text) > (context + 1) * max_token_chars(tokenizer) or surely_longer(text, tokenizer,
+                                                                               context):
         raise too_long(context, field, f"over {context}")
     ids = tokenizer.encode(text)
     if len(ids) > context:
@@ -75,10 +99,7 @@ def completion_prompts(prompt: str | list, tokenizer, context: int) -> list[list
 
 def chat_prompt(messages: list[ChatMessage], tokenizer, context: int) -> tuple[list[int], list[str]]:
     """The chat template applied to ``messages``, as token ids, and the template's stop strings."""
-    texts = [m.text() for m in messages]
-    for text in texts:
-        check_text(text, "messages")
-    if sum(map(len, texts)) > (context + 1) * max_token_chars(tokenizer):
-        raise too_long(context, "messages", f"over {context}")
-    text, stops = render_chat(messages, tokenizer)
+    for message in messages:
+        check_text(message.text(), "messages")
+    text, stops = render_chat(messages, tokenizer)  # (bounded by the body size)
     return encode_text(text, tokenizer, context, "messages"), stops

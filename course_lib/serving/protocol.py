@@ -92,10 +92,13 @@ def _prompt_shape(value: Any) -> str | None:
     return None
 
 
-def _list(max_items: int) -> Any:
-    """A list of at most ``max_items`` (checked by pydantic, early) and at least one (checked by
-    the handler, in its order, see :func:`documented`)."""
-    return Field(max_length=max_items, json_schema_extra={"minItems": 1})
+def _list(max_items: int, min_items: int | None = 1, **schema) -> Any:
+    """A list of at most ``max_items`` that stops at its first bad item (checked by pydantic:
+    an error per item of a million-item list would take seconds to build), and of at least
+    ``min_items`` (checked by the handler, in its order, see :func:`documented`)."""
+    if min_items is not None:
+        schema.setdefault("minItems", min_items)
+    return Field(max_length=max_items, fail_fast=True, json_schema_extra=schema or None)
 
 
 #: Text that must hold at least one token, and token ids (a model checks its own vocabulary).
@@ -116,9 +119,9 @@ class _SamplingFields(BaseModel):
     model: str | None = None
     temperature: StrictFloat | None = Field(default=None, ge=0.0, le=2.0)
     top_p: StrictFloat | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: StrictInt | None = Field(default=None, ge=-1)
+    top_k: StrictInt | None = Field(default=None, ge=-1, json_schema_extra={"not": {"const": 0}})
     n: StrictInt = Field(default=1, ge=1, le=MAX_CHOICES)
-    stop: StopString | Annotated[list[StopString], documented(maxItems=MAX_STOP)] | None = None
+    stop: StopString | Annotated[list[StopString], _list(64, None, maxItems=MAX_STOP)] | None = None
     seed: StrictInt | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -127,11 +130,11 @@ class _SamplingFields(BaseModel):
     echo: StrictBool | None = None
     best_of: StrictInt | None = None
     suffix: str | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Any] | None = None  # (Any: refused anyway; no per-value errors)
     presence_penalty: StrictFloat | None = None
     frequency_penalty: StrictFloat | None = None
     top_logprobs: StrictInt | None = None
-    tools: list[Any] | None = None
+    tools: Annotated[list[Any], _list(MAX_MESSAGES, None)] | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -155,7 +158,7 @@ class CompletionRequest(_SamplingFields):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | Annotated[list[dict[str, Any]], Field(max_length=MAX_MESSAGES)] | None = None
+    content: str | Annotated[list[dict[str, Any]], _list(MAX_MESSAGES, None)] | None = None
 
     def text(self) -> str:
         """The message's text; content parts of other types than ``text`` are refused."""
@@ -172,7 +175,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    messages: Annotated[list[ChatMessage], Field(min_length=1), _list(MAX_MESSAGES, None)]
     max_tokens: StrictInt | None = Field(default=None, json_schema_extra={"minimum": 1})
     max_completion_tokens: StrictInt | None = Field(default=None, json_schema_extra={"minimum": 1})
     logprobs: StrictBool | None = None
@@ -199,8 +202,13 @@ def check_request_fields(request: CompletionRequest | ChatCompletionRequest,
     if any(len(p) == 0 for p in prompts):
         raise APIError(400, "prompt must contain at least one token", "prompt")
     stops = stop_strings(request.stop)
-    if max_tokens is not None and max_tokens < 1:
-        raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+    limits = {"max_tokens": max_tokens}
+    if isinstance(request, ChatCompletionRequest):  # both are checked, whichever is used
+        limits = {"max_tokens": request.max_tokens,
+                  "max_completion_tokens": request.max_completion_tokens}
+    for name, value in limits.items():
+        if value is not None and value < 1:
+            raise APIError(400, f"{name} must be at least 1, got {value}", name)
     choices = request.n * len(prompts)
     if choices > MAX_CHOICES:
         raise APIError(400, f"n x prompts must be at most {MAX_CHOICES}, got {choices}", "n")

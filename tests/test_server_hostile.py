@@ -362,9 +362,17 @@ def test_no_request_is_taken_once_the_engine_stopped(tiny):
 
 
 def test_an_empty_api_key_is_refused_at_startup(tiny):
+    """An empty key (say, an empty secret) would accept a bare "Bearer": refuse to start."""
+    import subprocess
+    import sys
+
     for key in ("", "  "):
         with pytest.raises(ValueError, match="API key"):
             create_app(lambda: None, "tiny", api_key=key)
+    done = subprocess.run([sys.executable, "-m", "course_lib", "serve", "--model", "tiny"],
+                          env={**os.environ, "COURSE_LIB_API_KEY": ""}, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "API key must not be empty" in done.stderr
 
 
 def test_a_chat_that_fits_after_the_template_is_served(server):

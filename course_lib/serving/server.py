@@ -98,9 +98,14 @@ def serve_cli(args: argparse.Namespace) -> int:
                          block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                          max_num_batched_tokens=args.max_num_batched_tokens, record_steps=1000)
     holder: dict[str, DrainingServer] = {}
-    app = create_app(load, args.served_model_name or args.model, api_key=args.api_key,
-                     max_queue=args.max_queue, max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
-                     on_fatal_error=lambda exc: holder["server"].fatal_error(exc))
+    try:
+        app = create_app(load, args.served_model_name or args.model, api_key=args.api_key,
+                         max_queue=args.max_queue,
+                         max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
+                         on_fatal_error=lambda exc: holder["server"].fatal_error(exc))
+    except ValueError as exc:  # e.g. an empty API key
+        print(f"course-lib serve: error: {exc}", file=sys.stderr)
+        return 2
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=2)
     server = holder["server"] = DrainingServer(config, app.state.server, args.shutdown_timeout)

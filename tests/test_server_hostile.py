@@ -344,6 +344,31 @@ def test_too_many_choices_for_the_queue_is_a_400_not_an_endless_503(tiny):
         assert post(s, {"prompt": PROMPT, "n": 4, "max_tokens": 2}).status_code == 200
 
 
+def test_requests_being_tokenized_count_against_the_queue(tiny, monkeypatch):
+    """A flood of prompts does not wait in an unbounded line for the tokenizer: past --max-queue
+    they get 503 + Retry-After at once."""
+    real = api_module.completion_prompts
+
+    def slow(*args):
+        time.sleep(1.0)
+        return real(*args)
+
+    monkeypatch.setattr(api_module, "completion_prompts", slow)
+    with serve(tiny, max_queue=2) as s, httpx.Client(timeout=60) as http:
+        results: list[httpx.Response] = []
+        threads = [threading.Thread(target=lambda: results.append(http.post(
+            s.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}))) for _ in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        statuses = sorted(r.status_code for r in results)
+        assert statuses.count(200) >= 2 and 503 in statuses and set(statuses) <= {200, 503}
+        for r in results:
+            if r.status_code == 503:
+                assert error_of(r)["code"] == "queue_full" and r.headers["retry-after"] == "1"
+
+
 def test_no_request_is_taken_once_the_engine_stopped(tiny):
     """A request queued just as the engine dies is failed, never left waiting forever."""
     async def run():

@@ -70,6 +70,7 @@ class ServerState:
         self.on_fatal_error = on_fatal_error
         self.status = "loading"  # -> ready -> draining; or failed (loading), or dead (engine)
         self.engine: AsyncLLMEngine | None = None
+        self.preparing = 0  # requests being tokenized (event-loop side, so no lock needed)
         self.created = now()
         self.metrics = ServerMetrics(model_name, self._stats)
 
@@ -224,8 +225,7 @@ class Generation:
             self.streams = engine.submit_all([(f"{self.base_id}-{i}", ids, params)
                                               for i, (ids, params) in enumerate(jobs)])
         except QueueFullError as exc:
-            raise APIError(503, str(exc), type="service_unavailable_error", code="queue_full",
-                           headers={"Retry-After": RETRY_AFTER}) from None
+            raise queue_full(str(exc)) from None
         except RequestFailed as exc:
             raise failure_error(exc) from None
         except ValueError as exc:  # more choices than the queue can ever hold
@@ -272,6 +272,12 @@ class Generation:
             if metrics.get("e2e") is None:  # stopped early: latency up to now
                 metrics["e2e"] = time.perf_counter() - stream.arrival_time
             self.state.metrics.observe_finished(metrics, self.reasons.get(index, "abort"))
+
+
+def queue_full(message: str) -> APIError:
+    """503 + Retry-After: the load is shed early, the client retries later."""
+    return APIError(503, message, type="service_unavailable_error", code="queue_full",
+                    headers={"Retry-After": RETRY_AFTER})
 
 
 def failure_error(exc: RequestFailed) -> APIError:
@@ -395,9 +401,19 @@ def create_app(load_engine: Callable[[], LLMEngine], model_name: str = "tiny", *
         check_model(body.model)
         stops = check_request_fields(body, max_tokens)
         engine = state.ready_engine()
+        # requests being tokenized count against --max-queue too: a flood of big prompts waits
+        # in no unbounded line, holding its bodies, before the engine's queue would refuse it
+        if engine.max_queue is not None and engine.num_waiting + state.preparing >= engine.max_queue:
+            raise queue_full(f"the server's queue is full ({engine.num_waiting} waiting, "
+                             f"{state.preparing} being tokenized, limit {engine.max_queue}); "
+                             "retry later")
         tokenizer, context = engine.engine.tokenizer, engine.engine.model.config.n_positions
-        prompts, template_stops = await asyncio.get_running_loop().run_in_executor(
-            tokenizer_pool, prompt_of, tokenizer, context)
+        state.preparing += 1
+        try:
+            prompts, template_stops = await asyncio.get_running_loop().run_in_executor(
+                tokenizer_pool, prompt_of, tokenizer, context)
+        finally:
+            state.preparing -= 1
         pick = _default_max_tokens(max_tokens, context)
         return Generation(state, prompts, body.n, lambda ids, i: sampling_params(body, pick(ids), i),
                           stops + template_stops)

@@ -42,7 +42,7 @@ from course_lib.serving.detokenizer import IncrementalText
 from course_lib.serving.engine import LLMEngine
 from course_lib.serving.guard import DEFAULT_MAX_BODY_BYTES, JSONRoute, RequestGuard
 from course_lib.serving.metrics import ServerMetrics
-from course_lib.serving.prompts import chat_prompt, completion_prompts
+from course_lib.serving.prompts import chat_prompt, check_request_text, completion_prompts
 from course_lib.serving.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -400,6 +400,7 @@ def create_app(load_engine: Callable[[], LLMEngine], model_name: str = "tiny", *
         strings a chat template needs, computed in a worker thread."""
         check_model(body.model)
         stops = check_request_fields(body, max_tokens)
+        check_request_text(body)
         engine = state.ready_engine()
         # requests being tokenized count against --max-queue too: a flood of big prompts waits
         # in no unbounded line, holding its bodies, before the engine's queue would refuse it

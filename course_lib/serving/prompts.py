@@ -40,6 +40,18 @@ def check_text(text: str, field: str) -> None:
                             f"{exc.start}", field) from None
 
 
+def check_request_text(request) -> None:
+    """400 for any prompt or message text that is not valid Unicode: cheap, so it runs before
+    the request can be shed for load (an invalid request gets its 400 whatever the load)."""
+    if hasattr(request, "messages"):
+        for message in request.messages:
+            check_text(message.text(), "messages")
+        return
+    for prompt in request.prompts():
+        if isinstance(prompt, str):
+            check_text(prompt, "prompt")
+
+
 def too_long(context: int, field: str, tokens: str) -> APIError:
     return APIError(400, f"the {field} has {tokens} tokens, more than this model's context of "
                          f"{context} tokens", field, code="context_length_exceeded")
@@ -99,7 +111,5 @@ def completion_prompts(prompt: str | list, tokenizer, context: int) -> list[list
 
 def chat_prompt(messages: list[ChatMessage], tokenizer, context: int) -> tuple[list[int], list[str]]:
     """The chat template applied to ``messages``, as token ids, and the template's stop strings."""
-    for message in messages:
-        check_text(message.text(), "messages")
     text, stops = render_chat(messages, tokenizer)  # (bounded by the body size)
     return encode_text(text, tokenizer, context, "messages"), stops

@@ -429,7 +429,7 @@ def main() -> int:
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--only", choices=("sweep", "soak"), default=None,
                         help="run only the sweep (and 8-vs-1 ratio) or only the soaks; the result "
-                             "goes to results/serve-{sweep,soak}-<machine>.json")
+                             "goes to results/serve_{sweep,soak}-<machine>.json")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per level")
     parser.add_argument("--ratio-repeats", type=int, default=2,
@@ -574,8 +574,9 @@ def main() -> int:
         "soak_passed": checks.get("soak"), "hostile_soak_passed": checks.get("hostile_soak"),
         "checks": checks, "target_met": bool(checks) and all(checks.values()),
     }
-    # a partial run goes beside the full result (serve-soak-<machine>.json), never over it
-    out = runtime.write_result("serve" if args.only is None else f"serve-{args.only}", result,
+    # a partial run goes beside the full result (serve_soak-<machine>.json: not a "serve"
+    # result the summary reads), never over it
+    out = runtime.write_result("serve" if args.only is None else f"serve_{args.only}", result,
                                RESULTS, args.out)
     if rows:
         plot(result, out.with_suffix(".png"))

@@ -538,32 +538,32 @@ def check_smooth_rmsnorm_group(ctx: Context, fn) -> None:
     cases = [("small example: act_absmax [16, 1, 4, 0.25], column maxima over q, k, v [1, 4, 1, 0.25] "
               "(column 1's in W_k, column 2's in W_v), alpha=0.5, so s = [4, 0.5, 2, 1]",
               torch.ones(4), *small, 0.5, ATTENTION)]
-    hidden, heads, kv = gqa[0]
-    norm_weight, weights, act = _random_group(gen, hidden, _gqa_outs(hidden, heads, kv))
-    cases.append((f"GQA, {_gqa_label(hidden, heads, kv)}, alpha={alphas[0]}",
-                  norm_weight, weights, act, alphas[0], ATTENTION))
+    def gqa_group(i: int):
+        """(hidden, label, norm weight, weights, act_absmax) of the i-th GQA shape, drawn now."""
+        hidden, heads, kv = gqa[i]
+        return (hidden, _gqa_label(hidden, heads, kv),
+                *_random_group(gen, hidden, _gqa_outs(hidden, heads, kv)))
 
-    hidden, heads, kv = gqa[1]
-    norm_weight, weights, act = _random_group(gen, hidden, _gqa_outs(hidden, heads, kv))
+    _, label, norm_weight, weights, act = gqa_group(0)
+    cases.append((f"GQA, {label}, alpha={alphas[0]}", norm_weight, weights, act, alphas[0], ATTENTION))
+
+    hidden, label, norm_weight, weights, act = gqa_group(1)
     k_cols = rng.sample(range(hidden), 3)
     weights[1][:, k_cols[:2]] *= 20.0  # W_k carries the maximum of two columns ...
     weights[2][:, k_cols[2]] *= 20.0  # ... and W_v of a third: W_q alone gives the wrong s there
-    cases.append((f"GQA, {_gqa_label(hidden, heads, kv)}, W_k carries the column maximum in columns "
+    cases.append((f"GQA, {label}, W_k carries the column maximum in columns "
                   f"{sorted(k_cols[:2])} and W_v in column {k_cols[2]}, alpha={alphas[1]}",
                   norm_weight, weights, act, alphas[1], ATTENTION))
 
-    hidden, heads, kv = gqa[2]
-    norm_weight, weights, act = _random_group(gen, hidden, _gqa_outs(hidden, heads, kv))
-    cases.append((f"GQA, {_gqa_label(hidden, heads, kv)}, alpha={alphas[2]}",
-                  norm_weight, weights, act, alphas[2], ATTENTION))
+    _, label, norm_weight, weights, act = gqa_group(2)
+    cases.append((f"GQA, {label}, alpha={alphas[2]}", norm_weight, weights, act, alphas[2], ATTENTION))
 
-    hidden, heads, kv = gqa[3]
-    norm_weight, weights, act = _random_group(gen, hidden, _gqa_outs(hidden, heads, kv))
+    hidden, label, norm_weight, weights, act = gqa_group(3)
     dead, zero = rng.sample(range(hidden), 2)
     act[dead] = 0.0  # a channel that never fired during calibration
     for w in weights:
         w[:, zero] = 0.0  # an input column no layer reads
-    cases.append((f"GQA, {_gqa_label(hidden, heads, kv)}, act_absmax 0 in channel {dead} and weight "
+    cases.append((f"GQA, {label}, act_absmax 0 in channel {dead} and weight "
                   f"column {zero} all zeros, alpha={alphas[3]}", norm_weight, weights, act, alphas[3],
                   ATTENTION))
 

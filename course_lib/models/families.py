@@ -18,6 +18,11 @@ def from_hf(hf_model) -> GPT | Llama:
     return FAMILIES[model_type].from_hf(hf_model)
 
 
+def as_course_model(model) -> GPT | Llama:
+    """``model`` itself if it is already a course model, else its HF weights copied into one."""
+    return model if isinstance(model, GPT | Llama) else from_hf(model)
+
+
 def context_length(config) -> int:
     """Longest sequence a model accepts, from any course or HF config (GPT-2: ``n_positions``,
     LLaMA family: ``max_position_embeddings``)."""

@@ -2,7 +2,7 @@
 
 :class:`LLMEngine` is a small, readable version of vLLM's ``LLMEngine``. Requests are added at
 any time (:meth:`add_request`); every :meth:`step` asks the scheduler for this iteration's
-sequences, runs *all of them in one forward pass* of :class:`course_lib.models.gpt.GPT` over the
+sequences, runs *all of them in one forward pass* of the model (GPT-2 or LLaMA family) over the
 paged KV cache (decodes and prefill chunks side by side), samples one token for each sequence
 whose known tokens are now all cached, and returns what changed. :meth:`generate` drives it for
 an offline batch; the server of chapter 8 drives it from an asyncio loop.
@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from course_lib.generation.sampling import next_token
-from course_lib.models.gpt import GPT
+from course_lib.models.families import as_course_model
 from course_lib.models.paged import PagedAttentionMetadata, PagedKVCache
 from course_lib.runtime import triton_mode
 from course_lib.serving.block_manager import BlockManager
@@ -79,7 +79,8 @@ def default_backend(device: torch.device) -> str:
 
 
 class LLMEngine:
-    """Continuous batching over a paged KV cache for a :class:`GPT` (or an HF GPT-2, converted).
+    """Continuous batching over a paged KV cache for a course model (:class:`GPT` or
+    :class:`Llama`), or an HF GPT-2 / LLaMA / Qwen2 model, converted.
 
     The cache gets ``num_blocks`` blocks of ``block_size`` tokens, or as many as fit in
     ``kv_cache_bytes``, or by default enough for ``max_num_seqs`` full-context sequences capped
@@ -90,10 +91,10 @@ class LLMEngine:
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 512,
                  kv_cache_bytes: int | None = None, enable_prefix_caching: bool = True,
                  backend: str | None = None, record_steps: int = 100_000, seed: int = 0):
-        self.model = model if isinstance(model, GPT) else GPT.from_hf(model)
+        self.model = as_course_model(model)
         self.model.eval()
         self.tokenizer = tokenizer
-        self.device = self.model.transformer.wte.weight.device
+        self.device = next(self.model.parameters()).device
         if num_blocks is None:  # from a memory budget, as vLLM sizes its cache from GPU memory
             per_block = PagedKVCache.bytes_per_block(self.model, block_size)
             full = max_num_seqs * -(-self.model.config.n_positions // block_size)

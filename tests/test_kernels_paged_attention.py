@@ -35,20 +35,23 @@ def assert_close(got, want, dtype):
 
 
 def make_paged(contexts, H, D, block_size, dtype=torch.float32, seed=0, pad=-1, device="cpu",
-               extra_cols=1):
+               extra_cols=1, Hkv=None):
     """Contiguous random K/V per sequence, scattered into a shuffled set of physical blocks.
 
     Independent of course_lib: plain indexing, no store_kv. Unused slots hold random garbage
     (never zeros), so a kernel that reads past a context or through a padding entry is caught.
+    ``Hkv`` KV heads (default H) for H query heads: every KV head holds different values, so a
+    query head that reads the wrong one is caught.
     """
+    Hkv = Hkv or H
     g = torch.Generator().manual_seed(seed)
-    ks = [torch.randn(L, H, D, generator=g).to(dtype) for L in contexts]
-    vs = [torch.randn(L, H, D, generator=g).to(dtype) for L in contexts]
+    ks = [torch.randn(L, Hkv, D, generator=g).to(dtype) for L in contexts]
+    vs = [torch.randn(L, Hkv, D, generator=g).to(dtype) for L in contexts]
     needed = [-(-L // block_size) for L in contexts]
     num_blocks = sum(needed) + 3  # spare blocks that belong to nobody
     perm = torch.randperm(num_blocks, generator=g)
-    k_cache = (100 * torch.randn(num_blocks, block_size, H, D, generator=g)).to(dtype)
-    v_cache = (100 * torch.randn(num_blocks, block_size, H, D, generator=g)).to(dtype)
+    k_cache = (100 * torch.randn(num_blocks, block_size, Hkv, D, generator=g)).to(dtype)
+    v_cache = (100 * torch.randn(num_blocks, block_size, Hkv, D, generator=g)).to(dtype)
     tables = torch.full((len(contexts), max(needed) + extra_cols), pad, dtype=torch.int32)
     first = 0
     for i, (L, n) in enumerate(zip(contexts, needed, strict=True)):
@@ -65,13 +68,20 @@ def make_paged(contexts, H, D, block_size, dtype=torch.float32, seed=0, pad=-1, 
                 ks=[k.to(device) for k in ks], vs=[v.to(device) for v in vs])
 
 
+def kv_head_of(H, Hkv):
+    """The KV head each query head reads, spelt out: h // (H / Hkv)."""
+    return torch.tensor([h // (H // Hkv) for h in range(H)])
+
+
 def contiguous_decode(p, scale=None):
-    """Independent decode: SDPA of each sequence's one query against its contiguous K/V."""
+    """Independent decode: SDPA of each sequence's one query against its contiguous K/V, each
+    query head against its own KV head picked explicitly."""
     outs = []
+    H, Hkv = p["q"].shape[1], p["k_cache"].shape[2]
     for i, (k, v) in enumerate(zip(p["ks"], p["vs"], strict=True)):
         q = p["q"][i][:, None, :].double()  # [H, 1, D]
-        o = F.scaled_dot_product_attention(q, k.transpose(0, 1).double(), v.transpose(0, 1).double(),
-                                           scale=scale)
+        k, v = (t.transpose(0, 1)[kv_head_of(H, Hkv)].double() for t in (k, v))  # [H, L, D]
+        o = F.scaled_dot_product_attention(q, k, v, scale=scale)
         outs.append(o[:, 0])
     return torch.stack(outs).to(p["q"].dtype)
 
@@ -195,13 +205,75 @@ def test_store_then_decode_matches_contiguous_attention(triton_kernels):
     assert_close(got, contiguous_decode(p), torch.float32)
 
 
+# ------------------------------------------------------------------ grouped-query attention
+
+GQA_RATIOS = [1, 3, 4]  # query heads per KV head (SmolLM2: 3)
+
+
+@pytest.mark.parametrize("ratio", GQA_RATIOS)
+@pytest.mark.parametrize("block_size", [1, 8, 16])
+def test_gqa_kernel_and_twins_match_contiguous_attention(triton_kernels, block_size, ratio):
+    """Two KV heads (different values) for 2 x ratio query heads, head_dim 24 (not a power of
+    two), ragged contexts with partly filled blocks: the kernel (one and several splits), its
+    twin and the CPU's padded path all equal SDPA with each query head's KV head picked explicitly."""
+    p = make_paged(CONTEXTS, H=2 * ratio, D=24, block_size=block_size, seed=20 + block_size + ratio,
+                   Hkv=2, extra_cols=2)
+    want = contiguous_decode(p)
+    assert_close(paged_decode_attention_reference(*args(p)), want, torch.float32)
+    assert_close(paged_decode_attention_padded(*args(p)), want, torch.float32)
+    for splits in (1, 3):
+        assert_close(paged_decode_attention(*args(p), num_splits=splits), want, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gqa_kernel_16bit_and_store_kv(triton_kernels, dtype):
+    """SmolLM2's layout (9 query heads, 3 KV heads, head_dim 64) in every dtype, written by
+    store_kv (which takes the KV heads only) and read back by the kernel."""
+    contexts, H, Hkv, D, bs = [5, 19], 9, 3, 64, 8
+    p = make_paged(contexts, H, D, bs, dtype=dtype, seed=31, Hkv=Hkv)
+    k_cache, v_cache = torch.zeros_like(p["k_cache"]), torch.zeros_like(p["v_cache"])
+    for i, L in enumerate(contexts):
+        t = torch.arange(L)
+        slots = p["block_tables"][i].long()[t // bs] * bs + t % bs
+        store_kv(p["ks"][i], p["vs"][i], k_cache, v_cache, slots)
+    got = paged_decode_attention(p["q"], k_cache, v_cache, p["block_tables"], p["context_lens"],
+                                 num_splits=2, backend="triton")
+    assert_close(got, contiguous_decode(p), dtype)
+
+
+@pytest.mark.parametrize("ratio", GQA_RATIOS)
+def test_gqa_prefill_matches_causal_sdpa(ratio):
+    contexts, query_lens, H, Hkv, D, bs = [1, 9, 30], [1, 9, 7], 2 * ratio, 2, 24, 8
+    p = make_paged(contexts, H, D, bs, seed=40 + ratio, Hkv=Hkv)
+    g = torch.Generator().manual_seed(41)
+    q_full = [torch.randn(L, H, D, generator=g) for L in contexts]
+    q = torch.cat([qf[L - n:] for qf, L, n in zip(q_full, contexts, query_lens, strict=True)])
+    want = torch.cat([contiguous_causal(k, v, qf)[L - n:] for k, v, qf, L, n in
+                      zip(p["ks"], p["vs"], q_full, contexts, query_lens, strict=True)]).float()
+    got = paged_prefill_attention(q, p["k_cache"], p["v_cache"], p["block_tables"], contexts, query_lens)
+    assert_close(got, want, torch.float32)
+
+
+def test_gqa_heads_that_do_not_divide_are_refused():
+    p = make_paged([3, 9], H=4, D=16, block_size=4, Hkv=2)
+    q5 = torch.randn(2, 5, 16)
+    with pytest.raises(ValueError, match=r"Hkv dividing q's H = 5 \(query head h reads KV head"):
+        paged_decode_attention(q5, *args(p)[1:])
+    with pytest.raises(ValueError, match="Hkv dividing q's H = 5"):
+        paged_prefill_attention(q5, p["k_cache"], p["v_cache"], p["block_tables"], [3, 9], [1, 1])
+    with pytest.raises(ValueError, match=r"key must be \[N, Hkv, D\] = \[N, 2, 16\]"):
+        store_kv(q5[:, :4], q5[:, :4], p["k_cache"], p["v_cache"], torch.tensor([0, 1]))
+
+
 # ------------------------------------------------------------------ prefill
 
 
 def contiguous_causal(k, v, q_full, scale=None):
-    """Independent prefill: causal SDPA over a whole contiguous sequence, [L, H, D]."""
-    o = F.scaled_dot_product_attention(q_full.transpose(0, 1).double(), k.transpose(0, 1).double(),
-                                       v.transpose(0, 1).double(), is_causal=True, scale=scale)
+    """Independent prefill: causal SDPA over a whole contiguous sequence, [L, H, D] (k, v:
+    [L, Hkv, D], query head h reading KV head h // (H / Hkv))."""
+    heads = kv_head_of(q_full.shape[1], k.shape[1])
+    o = F.scaled_dot_product_attention(q_full.transpose(0, 1).double(), k.transpose(0, 1)[heads].double(),
+                                       v.transpose(0, 1)[heads].double(), is_causal=True, scale=scale)
     return o.transpose(0, 1)
 
 

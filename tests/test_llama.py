@@ -125,7 +125,7 @@ def test_gqa_query_head_h_reads_kv_head_h_over_group():
     want = torch.stack([F.scaled_dot_product_attention(q[:, h], k[:, h // 3], v[:, h // 3],
                                                        is_causal=True) for h in range(H)], dim=1)
     torch.testing.assert_close(causal_attention(q, k, v), want)
-    cache = PagedKVCache(1, num_blocks=4, block_size=4, n_head=H, head_dim=D)
+    cache = PagedKVCache(1, num_blocks=4, block_size=4, n_kv_head=Hkv, head_dim=D)
     meta = PagedAttentionMetadata.build(cache, [[2, 0]], [0], [T], backend="torch")
     got = paged_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), meta, 0)
     torch.testing.assert_close(got, want[0].transpose(0, 1))
@@ -162,7 +162,7 @@ def test_paged_mixed_step_matches_full_forward(name, decodes):
     done = [len(s) - 1 for s in seqs[:-1]] + [6]  # tokens already in the cache
     new = [1] * decodes + [5]
     cache, step, full = mixed_paged_step(ours, seqs, tables, done, new)
-    assert cache.k.shape == (2, 16, 4, ours.config.n_head, ours.config.head_dim)
+    assert cache.k.shape == (2, 16, 4, ours.config.n_kv_head, ours.config.head_dim)
     assert PagedKVCache.bytes_per_block(ours, 4) * 16 == cache.nbytes()
     assert step.shape == (len(seqs), VOCAB)
     torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
@@ -278,3 +278,17 @@ def test_course_generation_loops_run_on_smollm2(smollm2):
     ref = hf.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)[:, ids.shape[1]:]
     for model, loop in [(hf, generate_with_cache), (ours, generate_with_cache), (ours, generate_no_cache)]:
         assert torch.equal(loop(model, ids, 6).tokens, ref), (type(model).__name__, loop.__name__)
+
+
+@pytest.mark.parametrize("name", GQA)
+def test_paged_cache_of_another_head_layout_is_refused(name):
+    """A cache shaped for one KV head per query head (or for another model) is a clear error,
+    never a silent read with the wrong head layout."""
+    ours = _models(name)[1]
+    c = ours.config
+    for n_kv_head, head_dim in ((c.n_head, c.head_dim), (c.n_kv_head, c.head_dim + 2)):
+        cache = PagedKVCache(c.n_layer, num_blocks=4, block_size=4, n_kv_head=n_kv_head, head_dim=head_dim)
+        meta = PagedAttentionMetadata.build(cache, [[0, 1]], [0], [3], backend="torch")
+        with pytest.raises(ValueError, match=r"\(layers, KV heads, head_dim\) = .* but the model needs"):
+            ours(torch.tensor([[1, 2, 3]]), meta)
+    assert PagedKVCache.for_model(ours, 4, 4).k.shape[3] == c.n_kv_head < c.n_head

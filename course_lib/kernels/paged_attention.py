@@ -1,11 +1,16 @@
 """Paged attention: a KV cache stored in fixed-size blocks, and decode attention that reads it.
 
 The layout (as in vLLM). The cache of one layer is two tensors ``k_cache, v_cache`` of shape
-``[num_blocks, block_size, H, D]``: a pool of physical blocks shared by every sequence. Sequence
+``[num_blocks, block_size, Hkv, D]``: a pool of physical blocks shared by every sequence. Sequence
 ``i`` owns a list of physical blocks, its row of ``block_tables``; logical token ``t`` of the
 sequence lives in block ``block_tables[i, t // block_size]`` at offset ``t % block_size``. A token's
 *slot* is ``physical_block * block_size + offset``. Nothing needs to be contiguous, so memory is
 handed out one block at a time and only the last block of a sequence is partly empty.
+
+Grouped-query attention (GQA). The cache holds only the ``Hkv`` key/value heads; the ``H`` query
+heads (a multiple of ``Hkv``) share them in groups of ``g = H / Hkv``: query head ``h`` reads KV
+head ``h // g`` (LLaMA 2 70B, LLaMA 3, SmolLM2: ``g`` = 3 to 8; GPT-2: ``g = 1``). The cache is
+``g`` times smaller, and the decode kernel reads each KV head once for its whole group.
 
 Writing (:func:`store_kv`): the new tokens' keys and values go to their slots, one program per token.
 
@@ -14,7 +19,7 @@ tokens (the current one included)::
 
     out = softmax(q . K^T * scale) V,   K, V = the L keys and values gathered through the table
 
-Flash-decoding splits the L tokens over ``num_splits`` programs per (sequence, head), so a small
+Flash-decoding splits the L tokens over ``num_splits`` programs per (sequence, KV head), so a small
 batch still fills the GPU. Split ``s`` walks its share of the blocks and keeps an *online
 softmax* in float32: a running max ``m``, a running sum ``l = sum exp(x - m)`` and a running
 ``acc = sum exp(x - m) v``; when a new tile raises the max to ``m'``, the old sums are rescaled by
@@ -53,7 +58,7 @@ def _cdiv(a: int, b: int) -> int:
 
 def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table_row: torch.Tensor,
               context_len) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``context_len`` keys and values of one sequence, in order: ``(k [L, H, D], v [L, H, D])``.
+    """The ``context_len`` keys and values of one sequence, in order: ``(k [L, Hkv, D], v [L, Hkv, D])``.
 
     Takes the sequence's first ``ceil(L / block_size)`` physical blocks from its block-table row,
     lays them end to end and drops the unused tail of the last block.
@@ -72,8 +77,8 @@ def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table_row: tor
 
 
 def _gather(k_cache, v_cache, blocks: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`gather_kv` without the checks. [n, block_size, H, D] -> [n * block_size, H, D] ->
-    [L, H, D]; index_select copies whole blocks, about twice as fast as k_cache[blocks] on a CPU."""
+    """:func:`gather_kv` without the checks. [n, block_size, Hkv, D] -> [n * block_size, Hkv, D] ->
+    [L, Hkv, D]; index_select copies whole blocks, about twice as fast as k_cache[blocks] on a CPU."""
     k = k_cache.index_select(0, blocks).flatten(0, 1)[:L]
     v = v_cache.index_select(0, blocks).flatten(0, 1)[:L]
     return k, v
@@ -95,14 +100,16 @@ def paged_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_c
     """Torch twin of :func:`paged_decode_attention`, in float32, the whole batch at once.
 
     Gathers every row of the block table (padding entries clamped to a valid block), masks the
-    positions at or beyond each context length, and takes an ordinary softmax.
+    positions at or beyond each context length, and takes an ordinary softmax. Query head ``h``
+    reads KV head ``h // (H / Hkv)``.
     """
     B, H, D = q.shape
-    num_blocks = k_cache.shape[0]
+    num_blocks, g = k_cache.shape[0], H // k_cache.shape[2]
     scale = D**-0.5 if scale is None else float(scale)
     table = block_tables.long().clamp(0, num_blocks - 1)  # padding -> some block, masked below
-    k = k_cache[table].flatten(1, 2).float()  # [B, max_blocks, block_size, H, D] -> [B, T, H, D]
+    k = k_cache[table].flatten(1, 2).float()  # [B, max_blocks, block_size, Hkv, D] -> [B, T, Hkv, D]
     v = v_cache[table].flatten(1, 2).float()
+    k, v = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)  # [B, T, H, D]
     visible = torch.arange(k.shape[1], device=q.device)[None, :] < context_lens.long()[:, None]
     scores = torch.einsum("bhd,bthd->bht", q.float(), k) * scale
     scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
@@ -122,16 +129,17 @@ def paged_decode_attention_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     the inputs. ``q`` [B, H, D] -> [B, H, D].
     """
     B, H, D = q.shape
-    bs = k_cache.shape[1]
+    bs, Hkv = k_cache.shape[1], k_cache.shape[2]
     lens = context_lens.long()
     n = _cdiv(int(lens.max()), bs)
     table = block_tables[:, :n].long().clamp(0, k_cache.shape[0] - 1).reshape(-1)  # padding: masked
     compute = q.dtype if q.device.type == "cuda" else torch.float32
-    k, v = (c.index_select(0, table).view(B, n * bs, H, D).transpose(1, 2).to(compute)
+    k, v = (c.index_select(0, table).view(B, n * bs, Hkv, D).transpose(1, 2).to(compute)
             for c in (k_cache, v_cache))
     visible = torch.arange(n * bs, device=q.device)[None, :] < lens[:, None]  # [B, T]
     out = F.scaled_dot_product_attention(q[:, :, None, :].to(compute), k, v,
-                                         attn_mask=visible[:, None, None, :], scale=scale)
+                                         attn_mask=visible[:, None, None, :], scale=scale,
+                                         enable_gqa=Hkv != H)
     return out[:, :, 0, :].to(q.dtype)
 
 
@@ -159,10 +167,13 @@ def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, H, 
 
 @triton.jit
 def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, context_lens_ptr,
-                         o_ptr, lse_ptr, scale, H, D,
+                         o_ptr, lse_ptr, scale, H, D, GROUP,
                          s_qb, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd, s_table,
-                         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                         BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    # one program per (sequence, KV head, split): the GROUP query heads that share the KV head
+    # are served together, so each key and value is read from memory once for all of them
+    b, kv_h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     num_splits = tl.num_programs(2)
     context_len = tl.load(context_lens_ptr + b)
     # this split's share of the sequence: whole blocks, the last split may get fewer or none
@@ -170,36 +181,40 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, context_len
     start = s * blocks_per_split * BLOCK_SIZE
     end = tl.minimum(start + blocks_per_split * BLOCK_SIZE, context_len)
 
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
-    q = tl.load(q_ptr + b * s_qb + h * s_qh + offs_d * s_qd, mask=d_mask, other=0.0)
-    q = q.to(tl.float32) * scale
-    m = tl.full((), float("-inf"), tl.float32)  # running max of the scores
-    denom = tl.zeros((), tl.float32)  # running sum of exp(score - m): l above
-    acc = tl.zeros((BLOCK_D,), tl.float32)  # running sum of exp(score - m) * v
+    offs_g, offs_d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
+    g_mask, d_mask = offs_g < GROUP, offs_d < D
+    heads = kv_h * GROUP + offs_g  # query heads h with h // GROUP == kv_h
+    q = tl.load(q_ptr + b * s_qb + heads[:, None] * s_qh + offs_d[None, :] * s_qd,
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    q = q.to(tl.float32) * scale  # [BLOCK_G, BLOCK_D]
+    m = tl.full((BLOCK_G,), float("-inf"), tl.float32)  # running max of each head's scores
+    denom = tl.zeros((BLOCK_G,), tl.float32)  # running sum of exp(score - m): l above
+    acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)  # running sum of exp(score - m) * v
     for t0 in range(start, end, BLOCK_N):  # a tile of BLOCK_N tokens, through the block table
         t = t0 + tl.arange(0, BLOCK_N)  # logical token positions
         t_mask = t < end
         block = tl.load(table_ptr + b * s_table + t // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
         offset = t % BLOCK_SIZE
         kv_mask = t_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + block[:, None] * s_kb + offset[:, None] * s_kt + h * s_kh
+        k = tl.load(k_cache_ptr + block[:, None] * s_kb + offset[:, None] * s_kt + kv_h * s_kh
                     + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0).to(tl.float32)
-        v = tl.load(v_cache_ptr + block[:, None] * s_vb + offset[:, None] * s_vt + h * s_vh
+        v = tl.load(v_cache_ptr + block[:, None] * s_vb + offset[:, None] * s_vt + kv_h * s_vh
                     + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0).to(tl.float32)
-        scores = tl.where(t_mask, tl.sum(k * q[None, :], axis=1), float("-inf"))  # [BLOCK_N]
-        m_new = tl.maximum(m, tl.max(scores, axis=0))
+        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [BLOCK_G, BLOCK_N]
+        scores = tl.where(t_mask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
         alpha = tl.exp(m - m_new)  # rescales what was summed under the old max
-        p = tl.exp(scores - m_new)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-        denom = denom * alpha + tl.sum(p, axis=0)
+        p = tl.exp(scores - m_new[:, None])
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        denom = denom * alpha + tl.sum(p, axis=1)
         m = m_new
 
     # an empty split (denom = 0) writes o = 0 and lse = -inf: it gets weight 0 in the merge
     d_safe = tl.where(denom > 0, denom, 1.0)
-    row = (b * H + h) * num_splits + s  # partial output [B, H, S, D], lse [B, H, S]
-    tl.store(o_ptr + row * D + offs_d, (acc / d_safe).to(o_ptr.dtype.element_ty), mask=d_mask)
-    tl.store(lse_ptr + row, tl.where(denom > 0, m + tl.log(d_safe), float("-inf")))
+    row = (b * H + heads) * num_splits + s  # partial output [B, H, S, D], lse [B, H, S]
+    tl.store(o_ptr + row[:, None] * D + offs_d[None, :], (acc / d_safe[:, None]).to(o_ptr.dtype.element_ty),
+             mask=g_mask[:, None] & d_mask[None, :])
+    tl.store(lse_ptr + row, tl.where(denom > 0, m + tl.log(d_safe), float("-inf")), mask=g_mask)
 
 
 @triton.jit
@@ -225,13 +240,23 @@ def _check_cache(k_cache, v_cache, name: str) -> None:
     _check_float(k_cache, "k_cache", name)
     _check_float(v_cache, "v_cache", name)
     if k_cache.dim() != 4:
-        raise ValueError(f"{name}: k_cache must be 4-D [num_blocks, block_size, H, D], "
+        raise ValueError(f"{name}: k_cache must be 4-D [num_blocks, block_size, Hkv, D], "
                          f"got shape {list(k_cache.shape)}")
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"{name}: v_cache must have k_cache's shape {list(k_cache.shape)}, "
                          f"got {list(v_cache.shape)}")
     if v_cache.dtype != k_cache.dtype:
         raise TypeError(f"{name}: v_cache dtype {v_cache.dtype} must equal k_cache dtype {k_cache.dtype}")
+
+
+def _check_heads(q, k_cache, name: str) -> None:
+    """The cache's KV heads must divide q's heads (grouped-query attention), head sizes equal."""
+    H, D = q.shape[1:]
+    Hkv, Dk = k_cache.shape[2:]
+    if Dk != D or H % Hkv:
+        raise ValueError(f"{name}: k_cache must be [num_blocks, block_size, Hkv, D] with q's D = {D} "
+                         f"and Hkv dividing q's H = {H} (query head h reads KV head h // (H / Hkv)), "
+                         f"got {list(k_cache.shape)}")
 
 
 def _check_int(t, arg: str, name: str, dim: int, shape_doc: str) -> None:
@@ -245,11 +270,11 @@ def _check_int(t, arg: str, name: str, dim: int, shape_doc: str) -> None:
 def _check_store(key, value, k_cache, v_cache, slot_mapping) -> None:
     name = "store_kv"
     _check_cache(k_cache, v_cache, name)
-    _, block_size, H, D = k_cache.shape
+    _, block_size, Hkv, D = k_cache.shape
     for arg, t in (("key", key), ("value", value)):
         _check_float(t, arg, name)
-        if t.dim() != 3 or tuple(t.shape[1:]) != (H, D):
-            raise ValueError(f"{name}: {arg} must be [N, H, D] = [N, {H}, {D}] to match the cache, "
+        if t.dim() != 3 or tuple(t.shape[1:]) != (Hkv, D):
+            raise ValueError(f"{name}: {arg} must be [N, Hkv, D] = [N, {Hkv}, {D}] to match the cache, "
                              f"got {list(t.shape)}")
         if t.dtype != k_cache.dtype:
             raise TypeError(f"{name}: {arg} dtype {t.dtype} must equal the cache dtype {k_cache.dtype}")
@@ -277,10 +302,7 @@ def _check_decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_sp
         raise ValueError(f"{name}: q must be 3-D [B, H, D] (one query per sequence), got {list(q.shape)}")
     B, H, D = q.shape
     _check_cache(k_cache, v_cache, name)
-    num_blocks, block_size = k_cache.shape[:2]
-    if tuple(k_cache.shape[2:]) != (H, D):
-        raise ValueError(f"{name}: k_cache must be [num_blocks, block_size, H, D] with q's H, D = "
-                         f"{H}, {D}, got {list(k_cache.shape)}")
+    _check_heads(q, k_cache, name)
     if k_cache.dtype != q.dtype:
         raise TypeError(f"{name}: q dtype {q.dtype} must equal the cache dtype {k_cache.dtype}")
     _check_int(block_tables, "block_tables", name, 2, "[B, max_blocks]")
@@ -323,9 +345,9 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
     """Write new tokens' keys and values into their cache slots, in place.
 
     Args:
-        key, value: ``[N, H, D]`` (any strides, e.g. slices of a fused qkv projection), the
+        key, value: ``[N, Hkv, D]`` (any strides, e.g. slices of a fused qkv projection), the
             cache's dtype.
-        k_cache, v_cache: ``[num_blocks, block_size, H, D]``, written in place.
+        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``, written in place.
         slot_mapping: ``[N]`` int64 (or int32) slots ``physical_block * block_size + offset``;
             a negative slot skips its token (padding).
         backend: None (Triton where it runs, else the torch twin), "triton" or "torch".
@@ -352,10 +374,10 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
 
 
 def pick_num_splits(batch: int, heads: int, max_context: int, device: torch.device) -> int:
-    """Splits of the KV length per (sequence, head) when ``num_splits`` is None.
+    """Splits of the KV length per (sequence, KV head) when ``num_splits`` is None.
 
     The rule: aim for ``PROGRAMS_PER_SM`` (4) programs per streaming multiprocessor, so that
-    ``batch * heads * splits`` programs keep the GPU's memory system busy; but give every split
+    ``batch * heads * splits`` programs (``heads``: KV heads, one program serves a group) keep the GPU's memory system busy; but give every split
     at least ``MIN_TOKENS_PER_SPLIT`` (256) tokens of the longest possible context and use at
     most ``MAX_SPLITS`` (32). Big batches get 1 split (nothing to merge); one long sequence gets
     many. ``max_context`` is the table's capacity ``max_blocks * block_size`` (known without
@@ -372,10 +394,12 @@ def splits_for(batch: int, heads: int, max_context: int, sms: int) -> int:
     return max(1, min(wanted, _cdiv(max_context, MIN_TOKENS_PER_SPLIT), MAX_SPLITS))
 
 
-def _decode_config(head_dim: int) -> dict:
-    """Tile of BLOCK_N tokens x BLOCK_D dims: about 4096 float32 values per tile of K (and V)."""
-    block_d = triton.next_power_of_2(head_dim)
-    return dict(BLOCK_N=max(16, min(64, 4096 // block_d)), BLOCK_D=block_d, num_warps=4)
+def _decode_config(head_dim: int, group: int) -> dict:
+    """Tile of BLOCK_N tokens x BLOCK_D dims for BLOCK_G query heads (the group, padded to a power
+    of two): about 4096 float32 values per [BLOCK_G, BLOCK_N, BLOCK_D] product, at least 16 tokens."""
+    block_d, block_g = triton.next_power_of_2(head_dim), triton.next_power_of_2(group)
+    return dict(BLOCK_G=block_g, BLOCK_N=max(16, min(64, 4096 // (block_d * block_g))),
+                BLOCK_D=block_d, num_warps=4)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -385,7 +409,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
     Args:
         q: ``[B, H, D]``, one new query per sequence (float16, bfloat16 or float32).
-        k_cache, v_cache: ``[num_blocks, block_size, H, D]``, q's dtype; any block size.
+        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``, q's dtype; any block size; ``Hkv``
+            divides ``H`` (query head h reads KV head ``h // (H / Hkv)``).
         block_tables: ``[B, max_blocks]`` int32 (or int64); row i lists sequence i's physical
             blocks in logical order. Entries past ``ceil(context_lens[i] / block_size)`` are
             padding (any value, e.g. -1) and never read.
@@ -406,12 +431,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if not use_triton:
         return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale)
     B, H, D = q.shape
-    block_size = k_cache.shape[1]
+    block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
     if B == 0:
         return torch.empty_like(q)
     scale = D**-0.5 if scale is None else float(scale)
-    splits = num_splits or pick_num_splits(B, H, block_tables.shape[1] * block_size, q.device)
-    cfg = _decode_config(D)
+    splits = num_splits or pick_num_splits(B, Hkv, block_tables.shape[1] * block_size, q.device)
+    cfg = _decode_config(D, H // Hkv)
     # under the interpreter bfloat16 is rounded by torch, not by the kernel
     out_dtype = torch.float32 if interpreter_bf16_workaround(q.dtype) else q.dtype
     out = torch.empty(B, H, D, device=q.device, dtype=out_dtype)
@@ -419,8 +444,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     # one split: the kernel's normalised partial output is the output ([B, H, 1, D] = [B, H, D])
     o_part = out if splits == 1 else torch.empty(B, H, splits, D, device=q.device, dtype=torch.float32)
     block_tables, context_lens = block_tables.contiguous(), context_lens.contiguous()
-    _paged_decode_kernel[(B, H, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, o_part, lse, scale, H, D,
+    _paged_decode_kernel[(B, Hkv, splits)](
+        q, k_cache, v_cache, block_tables, context_lens, o_part, lse, scale, H, D, H // Hkv,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
         BLOCK_SIZE=block_size, **cfg)
     if splits > 1:
@@ -453,7 +478,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     Args:
         q: ``[N_total, H, D]``: the queries of several sequences concatenated; sequence i gives
             ``query_lens[i]`` of them, the *last* ``query_lens[i]`` positions of its context.
-        k_cache, v_cache: ``[num_blocks, block_size, H, D]``, q's dtype.
+        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``, q's dtype, ``Hkv`` dividing ``H``.
         block_tables: ``[B, max_blocks]`` int tensor, as for :func:`paged_decode_attention`.
         context_lens: ``B`` ints (list or int tensor): tokens in the cache per sequence, the
             new ones included.
@@ -470,9 +495,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if q.dim() != 3:
         raise ValueError(f"{name}: q must be 3-D [N_total, H, D], got shape {list(q.shape)}")
     _check_cache(k_cache, v_cache, name)
-    if tuple(k_cache.shape[2:]) != tuple(q.shape[1:]):
-        raise ValueError(f"{name}: k_cache must be [num_blocks, block_size, H, D] with q's H, D = "
-                         f"{q.shape[1]}, {q.shape[2]}, got {list(k_cache.shape)}")
+    _check_heads(q, k_cache, name)
     if k_cache.dtype != q.dtype:
         raise TypeError(f"{name}: q dtype {q.dtype} must equal the cache dtype {k_cache.dtype}")
     _check_int(block_tables, "block_tables", name, 2, "[B, max_blocks]")
@@ -501,11 +524,11 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if validate and invalid:
         raise ValueError(f"{name}: block_tables must hold ceil(context_lens / block_size) valid "
                          f"block ids (0..{k_cache.shape[0] - 1}) per row")
-    same = compute == q.dtype
+    same, gqa = compute == q.dtype, k_cache.shape[2] != q.shape[1]
 
     outs, first = [], 0
     for i, (L, n) in enumerate(zip(ctx, qlens, strict=True)):
-        k, v = _gather(k_cache, v_cache, tables[i, :_cdiv(L, bs)], L)  # [L, H, D]
+        k, v = _gather(k_cache, v_cache, tables[i, :_cdiv(L, bs)], L)  # [L, Hkv, D]
         qi = q[first:first + n]
         first += n
         # query j sits at position L - n + j and sees keys 0..L - n + j: no mask for a single
@@ -517,6 +540,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         # [1, H, n, D] views: SDPA takes a 4-D batch of one far faster than 3-D input on a CPU
         qi, k, v = (t.transpose(0, 1)[None] if same else t.transpose(0, 1)[None].to(compute)
                     for t in (qi, k, v))
-        o = F.scaled_dot_product_attention(qi, k, v, attn_mask=visible, is_causal=causal, scale=scale)
+        o = F.scaled_dot_product_attention(qi, k, v, attn_mask=visible, is_causal=causal, scale=scale,
+                                           enable_gqa=gqa)
         outs.append(o[0].transpose(0, 1) if same else o[0].transpose(0, 1).to(q.dtype))  # [n, H, D]
     return torch.cat(outs) if outs else q.new_empty(q.shape)

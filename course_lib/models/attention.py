@@ -81,8 +81,16 @@ def token_positions(idx: torch.Tensor, past: int, attention_mask: torch.Tensor |
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
 
 
-def check_paged_input(idx: torch.Tensor, meta: PagedAttentionMetadata, context: int) -> None:
-    """A paged forward takes ``idx`` [1, N], N new tokens at positions below ``context``."""
+def check_paged_input(idx: torch.Tensor, meta: PagedAttentionMetadata, config) -> None:
+    """A paged forward takes ``idx`` [1, N], N new tokens at positions below the context, over a
+    cache shaped for this model (its layers, KV heads and head size): a cache built for another
+    model would otherwise be read with the wrong head layout, silently."""
+    context = config.n_positions
+    want = (config.n_layer, config.n_kv_head, config.head_dim)
+    got = (meta.cache.k.shape[0], *meta.cache.k.shape[3:])
+    if got != want:
+        raise ValueError(f"the paged KV cache has (layers, KV heads, head_dim) = {got} but the model "
+                         f"needs {want}; build it with PagedKVCache.for_model(model, ...)")
     if idx.dim() != 2 or idx.size(0) != 1 or idx.size(1) != meta.positions.numel():
         raise ValueError(f"paged forward takes idx [1, N] with N = {meta.positions.numel()} "
                          f"new tokens, got {list(idx.shape)}")
@@ -118,7 +126,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Store the step's new K/V by slot mapping, then attend over each sequence's blocks.
 
     ``q`` [N, H, D], ``k``/``v`` [N, Hkv, D]: the new tokens of every sequence side by side, as
-    :class:`PagedAttentionMetadata` lays them out. Returns [N, H, D].
+    :class:`PagedAttentionMetadata` lays them out; the cache holds the Hkv heads only (each
+    kernel maps query head h to KV head h // (H / Hkv)). Returns [N, H, D].
     """
     from course_lib.kernels.paged_attention import (
         paged_decode_attention,
@@ -127,10 +136,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         store_kv,
     )
 
-    if k.size(1) != q.size(1):
-        # The paged cache stores K/V repeated per query head until the kernels take GQA.
-        g = q.size(1) // k.size(1)
-        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     k_cache, v_cache = meta.cache.k[layer], meta.cache.v[layer]
     store_kv(k, v, k_cache, v_cache, meta.slot_mapping, backend=meta.backend, validate=False)
     # Decodes (one token each, first in the batch) go to the flash-decoding kernel. The torch

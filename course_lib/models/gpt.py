@@ -157,7 +157,7 @@ class GPT(nn.Module):
         return self.lm_head(self.transformer.ln_f(x))
 
     def _forward_paged(self, idx: torch.Tensor, meta: PagedAttentionMetadata) -> torch.Tensor:
-        check_paged_input(idx, meta, self.config.n_positions)
+        check_paged_input(idx, meta, self.config)
         x = self.transformer.wte(idx) + self.transformer.wpe(meta.positions)[None]
         for block in self.transformer.h:
             x = block(x, meta)

@@ -281,7 +281,7 @@ class Llama(nn.Module):
         return self.lm_head(self.model.norm(x))
 
     def _forward_paged(self, idx: torch.Tensor, meta: PagedAttentionMetadata) -> torch.Tensor:
-        check_paged_input(idx, meta, self.config.n_positions)
+        check_paged_input(idx, meta, self.config)
         x = self.model.embed_tokens(idx)
         cos, sin = self._rope(meta.positions[None], x.dtype)
         for layer in self.model.layers:

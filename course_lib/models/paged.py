@@ -2,7 +2,7 @@
 
 A contiguous cache (chapter 4) gives each sequence one [max_len] slab, reserved up front. The
 paged cache (chapter 6, vLLM's PagedAttention) cuts every layer's keys and values into fixed
-*blocks* of ``block_size`` token slots, [num_blocks, block_size, heads, head_dim]; a sequence
+*blocks* of ``block_size`` token slots, [num_blocks, block_size, kv_heads, head_dim]; a sequence
 owns a list of blocks (its *block table*, logical block i -> physical block), handed out by
 :class:`course_lib.serving.block_manager.BlockManager` as it grows.
 
@@ -21,15 +21,20 @@ import torch
 
 
 class PagedKVCache:
-    """Keys and values of every layer: ``k[layer]`` / ``v[layer]`` are [num_blocks, block_size, H, D]."""
+    """Keys and values of every layer: ``k[layer]`` / ``v[layer]`` are [num_blocks, block_size,
+    Hkv, D], the model's *key/value* heads only: a grouped-query model (SmolLM2: 9 query heads
+    sharing 3 KV heads) needs ``H / Hkv`` times less memory per token than one KV head per query
+    head would."""
 
-    def __init__(self, n_layer: int, num_blocks: int, block_size: int, n_head: int, head_dim: int,
+    def __init__(self, n_layer: int, num_blocks: int, block_size: int, n_kv_head: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         check_block_size(block_size)
-        if not isinstance(num_blocks, int) or num_blocks < 1:
-            raise ValueError(f"num_blocks must be a positive integer, got {num_blocks!r}")
+        for name, value in (("num_blocks", num_blocks), ("n_layer", n_layer),
+                            ("n_kv_head", n_kv_head), ("head_dim", head_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.num_blocks, self.block_size = num_blocks, block_size
-        shape = (n_layer, num_blocks, block_size, n_head, head_dim)
+        shape = (n_layer, num_blocks, block_size, n_kv_head, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
@@ -38,14 +43,15 @@ class PagedKVCache:
         """A paged cache shaped for ``model`` (:class:`~course_lib.models.gpt.GPT` or
         :class:`~course_lib.models.llama.Llama`), in its dtype and on its device."""
         c, w = model.config, next(model.parameters())
-        # The paged cache stores K/V repeated per query head until the kernels take GQA.
-        return cls(c.n_layer, num_blocks, block_size, c.n_head, c.head_dim, w.dtype, w.device)
+        return cls(c.n_layer, num_blocks, block_size, c.n_kv_head, c.head_dim, w.dtype, w.device)
 
     @staticmethod
     def bytes_per_block(model, block_size: int = 16) -> int:
-        """Bytes one block takes across all layers (keys and values)."""
-        c, w = model.config, next(model.parameters())
-        return 2 * c.n_layer * block_size * c.n_head * c.head_dim * w.element_size()
+        """Bytes one block takes across all layers (keys and values of the KV heads)."""
+        from course_lib.generation.generate import kv_cache_bytes_for  # the formula's one home
+
+        return kv_cache_bytes_for(model.config, tokens=block_size,
+                                  dtype_bytes=next(model.parameters()).element_size())
 
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()

@@ -75,17 +75,16 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     def append_slot_checked(self, seq: Sequence, n: int) -> None:
         """append_slot, checking copy-on-write and applying its copies to the shadow K/V."""
-        i = seq.num_computed_tokens // self.bs
-        old = seq.block_table[i] if i < len(seq.block_table) else None
-        shared = old is not None and self.m.blocks[old].ref_count > 1
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+        written = range(start // self.bs, min(-(-end // self.bs), len(seq.block_table)))
+        shared = [i for i in written if self.m.blocks[seq.block_table[i]].ref_count > 1]
+        before = list(seq.block_table)
         copies = self.m.append_slot(seq, n)
-        if not shared:
-            assert copies == []
-        else:
+        # every shared block the step writes is copied (not just the first), in table order
+        assert copies == [(before[i], seq.block_table[i]) for i in shared]
+        others = [s for s in self.live if s is not seq]
+        for old, new in copies:
             self.cow_copies += 1
-            new = seq.block_table[i]
-            assert copies == [(old, new)]
-            others = [s for s in self.live if s is not seq]
             assert any(old in s.block_table for s in others)  # src still owned by another
             assert old not in seq.block_table
             assert self.m.blocks[new].ref_count == 1  # dst owned by this sequence only
@@ -93,7 +92,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
             for o in range(self.bs):
                 if old * self.bs + o in self.kv:
                     self.kv[new * self.bs + o] = self.kv[old * self.bs + o]
-        assert len(seq.block_table) * self.bs >= seq.num_computed_tokens + n
+        assert [b for i, b in enumerate(seq.block_table[:len(before)]) if i not in shared] == \
+            [b for i, b in enumerate(before) if i not in shared]  # nothing else moved
+        assert len(seq.block_table) * self.bs >= end
 
     # ---------------------------------------------------------------- rules
     @rule(data=st.data(), tail=st.lists(st.integers(0, 1), min_size=0, max_size=8))
@@ -161,8 +162,14 @@ class BlockManagerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.live)
     @rule(data=st.data())
     def fork(self, data) -> None:
+        """Share the parent's blocks; the child's not yet computed tokens may differ (a fork in
+        the middle of a chunked prefill that goes on with other tokens), so a write into a
+        shared block without its copy shows up in the shadow K/V of the other owner."""
         parent = data.draw(st.sampled_from(self.live), label="parent")
-        child = make_seq(parent.token_ids)
+        done = parent.num_computed_tokens
+        tail = data.draw(st.lists(st.integers(0, 1), min_size=parent.num_tokens - done,
+                                  max_size=parent.num_tokens - done), label="tail")
+        child = make_seq(parent.token_ids[:done] + tail)
         self.m.fork(parent, child)
         assert child.block_table == parent.block_table
         assert child.block_table is not parent.block_table
@@ -466,6 +473,74 @@ def test_fork_and_copy_on_write() -> None:
     m.free(parent)
     m.free(child)
     assert m.num_free_blocks == 8
+
+
+def forked_mid_prefill(num_blocks: int) -> tuple[BlockManager, Sequence, Sequence]:
+    """A 5-block prompt computed up to the middle of its 3rd block, then forked into a child
+    that goes on with other tokens: the child shares 2 full blocks ahead of its write position
+    and the 3 blocks its remaining positions (10..19) fall in."""
+    m = BlockManager(num_blocks, BS)
+    parent = make_seq(list(range(5 * BS)))
+    m.allocate(parent)
+    m.append_slot(parent, 2 * BS + 2)  # a first prefill chunk: blocks 0, 1 full, block 2 half
+    parent.num_computed_tokens = 2 * BS + 2
+    m.mark_computed(parent)
+    child = make_seq(parent.token_ids[: 2 * BS + 2] + [100 + t for t in range(3 * BS - 2)])
+    m.fork(parent, child)
+    return m, parent, child
+
+
+@pytest.mark.parametrize("chunk, copied", [
+    (1, [2]), (2, [2]), (3, [2, 3]), (6, [2, 3]), (7, [2, 3, 4]), (3 * BS - 2, [2, 3, 4])])
+def test_fork_mid_prefill_copies_every_shared_block_the_chunk_writes(chunk, copied) -> None:
+    m, parent, child = forked_mid_prefill(8)
+    shared = list(parent.block_table)
+    assert all(m.blocks[b].ref_count == 2 for b in shared)
+    free = m.num_free_blocks
+    copies = m.append_slot(child, chunk)
+    assert copies == [(shared[i], child.block_table[i]) for i in copied]
+    assert len({dst for _, dst in copies} | set(shared)) == len(shared) + len(copied)
+    assert parent.block_table == shared  # the other owner keeps every block
+    assert child.block_table == [child.block_table[i] if i in copied else b
+                                 for i, b in enumerate(shared)]
+    assert m.num_free_blocks == free - len(copied)
+    for i, b in enumerate(shared):
+        assert m.blocks[b].ref_count == (1 if i in copied else 2)
+        assert m.blocks[child.block_table[i]].ref_count == (1 if i in copied else 2)
+    check_ref_counts(m, [parent, child])
+    child.num_computed_tokens += chunk
+    m.mark_computed(child)
+    rest = child.num_pending_tokens  # the next chunk copies the shared blocks still left
+    if rest:
+        left = [i for i in range(5) if i not in copied and (child.num_computed_tokens // BS) <= i]
+        assert [src for src, _ in m.append_slot(child, rest)] == [shared[i] for i in left]
+    assert not set(child.block_table[2:]) & set(parent.block_table)  # nothing written is shared
+    assert m.append_slot(parent, parent.num_pending_tokens) == []  # the parent owns the rest alone
+    check_ref_counts(m, [parent, child])
+    m.free(parent)
+    m.free(child)
+    assert m.num_free_blocks == 8
+
+
+@pytest.mark.parametrize("spare", [1, 2])
+def test_fork_mid_prefill_needs_a_free_block_for_every_copy(spare) -> None:
+    """The chunk writes 3 shared blocks: 3 free blocks are needed, 1 or 2 are not enough (the
+    scheduler relies on can_append to preempt instead of over-committing)."""
+    m, parent, child = forked_mid_prefill(5 + spare)  # the prompt holds 5, `spare` are free
+    assert m.num_free_blocks == spare
+    assert not m.can_append(child, 3 * BS - 2)
+    before = ([b.ref_count for b in m.blocks], list(m.free_blocks), list(child.block_table))
+    with pytest.raises(RuntimeError, match="no free block"):
+        m.append_slot(child, 3 * BS - 2)
+    assert ([b.ref_count for b in m.blocks], list(m.free_blocks), child.block_table) == before
+    assert m.can_append(child, spare * BS - 2)  # a shorter chunk writes fewer shared blocks
+
+
+def test_fork_mid_prefill_with_a_free_block_per_copy_fits_exactly() -> None:
+    m, parent, child = forked_mid_prefill(5 + 3)
+    assert m.can_append(child, 3 * BS - 2)
+    assert len(m.append_slot(child, 3 * BS - 2)) == 3 and m.num_free_blocks == 0
+    check_ref_counts(m, [parent, child])
 
 
 def test_fork_into_a_sequence_with_blocks_raises() -> None:

@@ -7,7 +7,7 @@ import torch
 from course_lib.models.gpt import GPT
 from course_lib.models.hub import load_model
 from course_lib.models.paged import PagedAttentionMetadata, PagedKVCache
-from course_lib.serving.engine import LLMEngine, SamplingParams
+from course_lib.serving.engine import LLMEngine, SamplingParams, Sequence, SequenceStatus
 
 PROMPT_LENS = [5, 40, 17, 1, 33, 70]
 MAX_TOKENS = [10, 3, 25, 8, 30, 12]
@@ -90,6 +90,42 @@ def test_prefix_caching_hits_and_keeps_outputs(tiny, prompts):
     assert [o.output_token_ids for o in outs] == want
     assert [o.num_cached_tokens for o in outs] == [0, 64, 64, 64]
     assert engine.stats()["prefix_hit_rate"] == pytest.approx(12 / 16)
+
+
+def test_fork_mid_prefill_writing_other_tokens_keeps_both_outputs(tiny, prompts):
+    """A sequence forked in the middle of a chunked prefill shares all the prompt's blocks; its
+    next chunk writes *other* tokens into several of them. Each must be copied first, or the
+    two sequences overwrite each other's keys and values (greedy outputs then differ)."""
+    model, tok = tiny
+    engine = LLMEngine(model, tok, num_blocks=32, block_size=4, max_num_seqs=2,
+                       max_num_batched_tokens=10)
+    parent_prompt = prompts[1]  # 40 tokens: 10 blocks of 4
+    parent = engine.add_request(parent_prompt, greedy(6))
+    engine.step()  # a first 10-token chunk: blocks 0, 1 full, block 2 half
+    assert parent.num_computed_tokens == 10 and len(parent.block_table) == 10
+    # the fork goes on with other tokens than the parent (and runs first: it arrived earlier)
+    child_prompt = parent_prompt[:10] + prompts[5][:30]
+    child = Sequence(child_prompt, greedy(6), "child", arrival_time=parent.arrival_time - 1)
+    child.generator, child.first_scheduled_time = engine.generator, parent.first_scheduled_time
+    engine.block_manager.fork(parent, child)
+    child.status = SequenceStatus.RUNNING
+    engine.scheduler.running.append(child)
+    engine.requests[child.request_id] = child
+    shared = list(parent.block_table)
+    copies = []
+    copy_block = engine.cache.copy_block
+    engine.cache.copy_block = lambda src, dst: (copies.append((src, dst)), copy_block(src, dst))
+    outs = engine.step()
+    assert engine.steps[-1].scheduled == [("child", 10)]  # positions 10..19: blocks 2, 3, 4
+    assert copies == [(shared[i], child.block_table[i]) for i in (2, 3, 4)]
+    assert parent.block_table == shared and child.block_table[:2] == shared[:2]
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    got = {o.request_id: o.output_token_ids for o in outs if o.finished}
+    assert got == {parent.request_id: alone(model, parent_prompt, 6),
+                   "child": alone(model, child_prompt, 6)}
+    assert {src for src, _ in copies} == set(shared[2:])  # every shared block written was copied
+    assert engine.block_manager.num_free_blocks == 32
 
 
 def test_abort_frees_blocks_and_unknown_or_finished_is_a_no_op(tiny, prompts):

@@ -96,3 +96,30 @@ def test_a_request_needing_the_whole_pool_completes_beside_others():
 def test_bad_budgets(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Scheduler(BlockManager(8, 16), **kwargs)
+
+
+@pytest.mark.parametrize("num_blocks", [8, 6])
+def test_a_fork_mid_prefill_gets_a_copy_of_every_shared_block_or_preempts(num_blocks):
+    """A sequence forked in the middle of a chunked prefill, whose next chunk writes 3 shared
+    blocks: with 3 free blocks it gets 3 copies; with 1 the scheduler must not schedule it on
+    one copy, it preempts the other owner (then nothing is shared and no copy is needed)."""
+    bm = BlockManager(num_blocks, 4)  # the prompt takes 5 blocks
+    sched = Scheduler(bm, max_num_seqs=2, max_num_batched_tokens=10)
+    parent = seq(20, max_tokens=4, t=1)
+    sched.add(parent)
+    run_step(sched)  # positions 0..9: blocks 0, 1 full, block 2 half
+    child = Sequence(parent.token_ids[:10] + [100] * 10, SamplingParams(max_tokens=4),
+                     arrival_time=0.0)  # other tokens; older, so it runs first
+    bm.fork(parent, child)
+    child.status = SequenceStatus.RUNNING
+    sched.running.append(child)
+    shared = list(parent.block_table)
+    out = run_step(sched)  # the child's 10 tokens: positions 10..19, blocks 2, 3, 4
+    assert [(s, n) for s, n in out.scheduled] == [(child, 10)]
+    if num_blocks == 8:
+        assert out.copies == [(shared[i], child.block_table[i]) for i in (2, 3, 4)]
+        assert parent.block_table == shared and out.preempted == []
+    else:
+        assert out.preempted == [parent] and parent.block_table == []
+        assert out.copies == [] and child.block_table == shared
+    assert bm.num_free_blocks == num_blocks - len(set(parent.block_table) | set(child.block_table))

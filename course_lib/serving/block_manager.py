@@ -10,8 +10,9 @@ Three ideas on top of the free list:
 - **Reference counts.** A block may be shared: by sequences with a common prefix (prefix
   caching) or by the samples of one prompt (:meth:`fork`). It returns to the free list when
   its count drops to 0, never earlier (no double free, no leak).
-- **Copy-on-write.** A sequence about to write into a shared, partly filled block first gets a
-  private copy: :meth:`append_slot` returns ``(src, dst)`` and the engine copies the K/V.
+- **Copy-on-write.** A sequence about to write into a shared block first gets a private copy
+  of it: :meth:`append_slot` returns ``(src, dst)`` for *every* shared block the step writes
+  (a chunk forked mid-prefill may span several) and the engine copies the K/V.
 - **Prefix caching over full blocks.** A full block is identified by a *chained* hash,
   ``hash((hash of the previous block, its token ids))``, so equal hashes mean equal prefixes.
   A new sequence whose first blocks hash the same reuses them (token ids are compared too, in
@@ -132,30 +133,42 @@ class BlockManager:
         block.hash, block.token_ids, block.ref_count = None, (), 1
         return block_id
 
-    def _slots_short(self, seq: Sequence, num_new_tokens: int) -> tuple[int, bool]:
-        """(blocks to add, whether the block written first is shared and needs copy-on-write)."""
+    def _shared_blocks_written(self, seq: Sequence, num_new_tokens: int) -> list[int]:
+        """Logical indices of the blocks ``seq``'s next ``num_new_tokens`` tokens are written to
+        that another sequence also owns: each needs its own copy before the step writes.
+
+        All of them, not just the first: a sequence forked in the middle of a chunked prefill
+        shares every block of its prompt, and its next chunk may run through several.
+        """
+        if num_new_tokens < 1:
+            return []
+        start = seq.num_computed_tokens
+        first = start // self.block_size  # block the first new token goes to
+        end = min(self.blocks_needed(start + num_new_tokens), len(seq.block_table))
+        return [i for i in range(first, end) if self.blocks[seq.block_table[i]].ref_count > 1]
+
+    def _slots_short(self, seq: Sequence, num_new_tokens: int) -> tuple[int, list[int]]:
+        """(blocks to add at the end, logical indices of the shared blocks to copy-on-write)."""
         new_blocks = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        first = seq.num_computed_tokens // self.block_size  # block the first new token goes to
-        cow = first < len(seq.block_table) and self.blocks[seq.block_table[first]].ref_count > 1
-        return max(new_blocks, 0), cow
+        return max(new_blocks, 0), self._shared_blocks_written(seq, num_new_tokens)
 
     def can_append(self, seq: Sequence, num_new_tokens: int = 1) -> bool:
-        """True when ``seq`` can get slots for its next ``num_new_tokens`` computed tokens."""
-        new_blocks, cow = self._slots_short(seq, num_new_tokens)
-        return new_blocks + cow <= self.num_free_blocks
+        """True when ``seq`` can get slots for its next ``num_new_tokens`` computed tokens
+        (a fresh block for each new one and for each shared block to copy)."""
+        new_blocks, to_copy = self._slots_short(seq, num_new_tokens)
+        return new_blocks + len(to_copy) <= self.num_free_blocks
 
     def append_slot(self, seq: Sequence, num_new_tokens: int = 1) -> list[tuple[int, int]]:
         """Make room for ``seq``'s next ``num_new_tokens`` tokens (from ``num_computed_tokens``).
 
         Returns the copy-on-write copies ``[(src, dst)]`` the engine must apply to the K/V cache
-        before writing: empty unless the partly filled block being written was shared.
+        before writing: one for each block being written that was shared, none otherwise.
         """
         if not self.can_append(seq, num_new_tokens):
             raise RuntimeError(f"no free block to extend sequence {seq.request_id}")
-        new_blocks, cow = self._slots_short(seq, num_new_tokens)
+        new_blocks, to_copy = self._slots_short(seq, num_new_tokens)
         copies = []
-        if cow:
-            i = seq.num_computed_tokens // self.block_size
+        for i in to_copy:
             src = seq.block_table[i]
             dst = self._take_fresh()
             self.blocks[src].ref_count -= 1  # still > 0: another sequence owns it

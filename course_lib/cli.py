@@ -92,9 +92,12 @@ API_KEY_ENV = "COURSE_LIB_API_KEY"
 
 
 def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="tiny, gpt2, gpt2-medium, ... (default: tiny)")
+    p.add_argument("--model", default="tiny",
+                   help="GPT-2 family: tiny (bundled), gpt2, gpt2-medium, ...; LLaMA family: "
+                   "smollm2-135m (SmolLM2-135M-Instruct, offline), smollm2-360m, qwen2.5-0.5b, "
+                   "... (default: tiny)")
     p.add_argument("--quantized", metavar="DIR", help="serve this quantized checkpoint of --model "
-                   "(made by `course-lib quantize`)")
+                   "(made by `course-lib quantize --model` with the same model)")
     p.add_argument("--served-model-name", help="the name clients pass as `model` (default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; "
                    "0.0.0.0 in a container)")

@@ -25,9 +25,17 @@ the same whatever the output's length.
 Stop strings are searched for the same way: only in the text not sent yet (the held-back tail
 plus the new characters), never in the whole text. While stop strings are set, the last
 ``len(longest stop) - 1`` characters are held back, since they might be the start of a stop string.
+
+Special tokens (a chat model's end-of-turn ``<|im_end|>``, ``<|endoftext|>``, ...) are control
+signals, not text: they are left out of the text, as vLLM's default ``skip_special_tokens=True``
+does, so the token that ends a chat turn (counted in ``usage.completion_tokens``) never shows up
+in the answer. They are dropped before decoding, which gives what ``decode(ids,
+skip_special_tokens=True)`` gives, with any tokenizer.
 """
 
 from __future__ import annotations
+
+import weakref
 
 REPLACEMENT = "\ufffd"  # what decode gives for bytes that are not (yet) a whole UTF-8 character
 # A UTF-8 character is at most 4 bytes, and a byte-level token holds at least one byte, so a
@@ -38,16 +46,38 @@ REPLACEMENT = "\ufffd"  # what decode gives for bytes that are not (yet) a whole
 # bound.
 MAX_PENDING = 8
 
+_SPECIAL_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> ids
+
+
+def special_token_ids(tokenizer) -> frozenset[int]:
+    """The ids ``tokenizer.decode(ids, skip_special_tokens=True)`` leaves out: its special tokens
+    (``all_special_ids``) and every added token marked special (``added_tokens_decoder``)."""
+    try:
+        return _SPECIAL_IDS[tokenizer]
+    except (KeyError, TypeError):  # TypeError: a tokenizer that takes no weak reference
+        pass
+    ids = set(getattr(tokenizer, "all_special_ids", None) or ())
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids.update(int(i) for i, token in added.items() if getattr(token, "special", False))
+    found = frozenset(ids)
+    try:
+        _SPECIAL_IDS[tokenizer] = found
+    except TypeError:
+        pass
+    return found
+
 
 class IncrementalText:
     """Feed it the token ids generated since the last call; it returns the new text safe to send.
 
-    ``token_ids`` holds every id fed so far, ``text`` everything returned so far, and
-    ``stopped`` turns True when a stop string is found (later calls then return ``""``).
+    ``token_ids`` holds every id fed so far (less the special ones, unless
+    ``skip_special_tokens=False``), ``text`` everything returned so far, and ``stopped`` turns
+    True when a stop string is found (later calls then return ``""``).
     """
 
-    def __init__(self, tokenizer, stop: list[str] | None = None):
+    def __init__(self, tokenizer, stop: list[str] | None = None, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
+        self.skip = special_token_ids(tokenizer) if skip_special_tokens else frozenset()
         self.stop = [s for s in (stop or []) if s]
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.token_ids: list[int] = []
@@ -70,6 +100,8 @@ class IncrementalText:
         """Feed the ids generated since the last call (may be empty); return the new text to send."""
         if self.stopped:
             return ""
+        if self.skip:
+            new_token_ids = [t for t in new_token_ids if t not in self.skip]
         self.token_ids.extend(new_token_ids)
         chars = self._new_chars(finished) if new_token_ids or finished else ""
         delta = self._cut_stops(chars, finished)

@@ -25,23 +25,66 @@ log = logging.getLogger("course_lib.serving")
 #: Seconds between forced GIL hand-overs in the server process (Python's default is 0.005).
 GIL_SWITCH_INTERVAL = 0.001
 
+#: Checkpoint architectures (``quant_config.json``'s ``model.architecture``) -> model family.
+ARCHITECTURE_FAMILIES = {"course_lib.GPT": "gpt2", "GPT2LMHeadModel": "gpt2",
+                         "course_lib.Llama": "llama", "LlamaForCausalLM": "llama",
+                         "Qwen2ForCausalLM": "llama"}
+
+
+def check_checkpoint(quantized: str, model: str, loaded: str | None = None) -> dict:
+    """The config of the quantized checkpoint ``quantized``, after checking it was made from
+    ``model``: a ValueError (or FileNotFoundError) saying what differs otherwise.
+
+    Reads only the checkpoint's metadata. ``loaded`` is the name of the model really loaded for
+    ``model`` (an offline stand-in, see :func:`course_lib.models.hub.resolve`); when the
+    checkpoint records the name it was quantized from, the two must be the same. Either way,
+    the family (GPT-2 or LLaMA) must be ``model``'s; the shapes are compared on loading.
+    """
+    from course_lib.models.hub import family
+    from course_lib.quant.checkpoint import read_config
+
+    config, file = read_config(quantized)
+    spec = config.get("model") or {}
+    arch, name = spec.get("architecture"), spec.get("name")
+    if loaded is not None and name and name != loaded:
+        shown = f"{model!r}" + (f" (loaded as {loaded!r})" if loaded != model else "")
+        raise ValueError(f"--quantized {quantized} was quantized from {name!r}, not from --model "
+                         f"{shown}: serve it with --model {name}")
+    expected, found = family(model), ARCHITECTURE_FAMILIES.get(arch)
+    if found is not None and found != expected:
+        raise ValueError(f"--quantized {quantized} holds a {found} model ({arch}"
+                         f"{f', quantized from {name!r}' if name else ''}), but --model {model} is "
+                         f"a {expected} model: pass the --model it was quantized from")
+    return config
+
+
 def engine_loader(model: str = "tiny", quantized: str | None = None, device: str | None = None,
                   **engine_kwargs) -> Callable[[], LLMEngine]:
-    """A function that loads ``model`` (its quantized checkpoint if given) into an engine."""
+    """A function that loads ``model`` (its quantized checkpoint if given) into an engine.
+
+    Any family :func:`course_lib.models.families.from_hf` knows: the HF model's weights are
+    copied into the course's :class:`GPT` or :class:`Llama`, whose paged forward the engine runs.
+    """
     def load() -> LLMEngine:
-        from course_lib.models.gpt import GPT
+        from course_lib.models.families import from_hf
         from course_lib.models.hub import load_model
 
         hf_model, tokenizer = load_model(model, device=device)
-        gpt = GPT.from_hf(hf_model)
+        loaded = getattr(hf_model, "course_name", model)
+        course_model = from_hf(hf_model)
         if quantized:
             from course_lib.quant.checkpoint import load_quantized
 
-            # same layer names as HF GPT-2, so the checkpoint's QuantLinear layers drop in
-            gpt = load_quantized(gpt, quantized).to(hf_model.device)
-        log.info("serving %s%s on %s", getattr(hf_model, "course_name", model),
-                 f" quantized from {quantized}" if quantized else "", hf_model.device)
-        return LLMEngine(gpt, tokenizer, **engine_kwargs)
+            check_checkpoint(quantized, model, loaded)
+            # our models use HF's layer names (GPT-2's transformer.h.0.attn.c_attn, LLaMA's
+            # model.layers.0.self_attn.q_proj), so the checkpoint's QuantLinear layers drop in
+            try:
+                course_model = load_quantized(course_model, quantized).to(hf_model.device)
+            except ValueError as exc:
+                raise ValueError(f"--quantized {quantized} does not fit --model {model}: {exc}") from None
+        log.info("serving %s%s on %s", loaded, f" quantized from {quantized}" if quantized else "",
+                 hf_model.device)
+        return LLMEngine(course_model, tokenizer, **engine_kwargs)
     return load
 
 
@@ -90,6 +133,12 @@ class DrainingServer(uvicorn.Server):
 def serve_cli(args: argparse.Namespace) -> int:
     """Run the server until SIGTERM / Ctrl-C; 0 after a clean shutdown, 1 if loading failed or
     the engine died."""
+    if args.quantized:  # a missing or foreign checkpoint: say so now, not after loading the model
+        try:
+            check_checkpoint(args.quantized, args.model)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"course-lib serve: error: {exc}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     # The engine thread and the event loop share the GIL; a thread waiting for it waits up to
     # the switch interval (5 ms by default), a big slice of a CPU decode step. Hand over sooner.

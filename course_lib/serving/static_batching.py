@@ -26,8 +26,11 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from course_lib.generation.generate import kv_cache_bytes_for
 from course_lib.generation.sampling import next_token
+from course_lib.models.families import as_course_model
 from course_lib.models.gpt import GPT
+from course_lib.models.llama import Llama
 from course_lib.serving.engine import RequestOutput, StepRecord
 from course_lib.serving.sequence import SamplingParams
 
@@ -43,7 +46,7 @@ class StaticBatchingResult:
     wall_time: float
 
 
-def _check_inputs(model: GPT, prompts, params, batch_size) -> list[SamplingParams]:
+def _check_inputs(model: GPT | Llama, prompts, params, batch_size) -> list[SamplingParams]:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if not isinstance(prompts, list | tuple) or len(prompts) == 0:
@@ -70,20 +73,24 @@ def run_static_batching(model, prompts: list[list[int]], params: SamplingParams 
                         seed: int = 0) -> StaticBatchingResult:
     """Generate for every prompt in fixed, left-padded batches run to completion (see the module).
 
+    ``model`` is a course :class:`GPT` or :class:`Llama`, or an HF GPT-2 / LLaMA / Qwen2 model
+    (its weights are copied into one).
     ``params`` is one :class:`SamplingParams` for all prompts or one per prompt. Every request
     arrives at ``arrival_time`` (``time.perf_counter()`` clock; default: now). A request stops
     at a stop token or ``eos_token_id`` (unless ``ignore_eos``) or at ``max_tokens``; sampling
     uses the request's ``seed`` if set, else one generator seeded with ``seed``.
     """
-    model = model if isinstance(model, GPT) else GPT.from_hf(model)
+    model = as_course_model(model)  # GPT-2 or LLaMA family; an HF model is converted
     model.eval()
     params_list = _check_inputs(model, prompts, params, batch_size)
-    device = model.transformer.wte.weight.device
+    weight = next(model.parameters())
+    device = weight.device
     shared = torch.Generator(device=device).manual_seed(seed)
     gens = [torch.Generator(device=device).manual_seed(sp.seed) if sp.seed is not None else shared
             for sp in params_list]
     c = model.config
-    bytes_per_token = 2 * c.n_layer * c.n_embd * model.transformer.wte.weight.element_size()
+    # K and V of every layer's key/value heads (fewer than query heads under GQA)
+    bytes_per_token = kv_cache_bytes_for(c, tokens=1, dtype_bytes=weight.element_size())
     context = c.n_positions
     t0 = time.perf_counter()
     arrival = t0 if arrival_time is None else arrival_time

@@ -104,6 +104,9 @@ def test_engine_matches_hf_greedy_with_everything_in_the_cache(smollm2, prompts,
     assert [o.output_token_ids for o in outs] == expected
     assert [o.finish_reason for o in outs] == reasons(expected)
     assert len(engine.steps[0].scheduled) == len(prompts)  # every prompt in the first step
+    tok = smollm2[2]  # the text leaves the end-of-turn token out, as vLLM's does
+    assert [o.text for o in outs] == [tok.decode(e, skip_special_tokens=True) for e in expected]
+    assert "<|im_end|>" in tok.decode(expected[0]) and "<|im_end|>" not in outs[0].text
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 

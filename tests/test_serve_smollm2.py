@@ -94,6 +94,18 @@ def test_streamed_chat_answer_with_usage(client, reference):
     assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (len(ids), len(out))
 
 
+def test_max_tokens_left_out_fits_the_kv_cache(client, reference):
+    """No max_tokens: the default is what the cache's 64 x 16 = 1024 slots leave after the prompt
+    (vLLM's max_model_len), not the model's 8192-token context, which this cache could never
+    hold (that request would be refused)."""
+    ids, out, _ = reference
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0)
+    check_answer(r.choices[0].message.content, reference)
+    assert r.usage.completion_tokens == len(out)
+    with pytest.raises(openai.BadRequestError, match="more KV slots than the whole cache holds"):
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1025 - len(ids))
+
+
 def test_the_model_is_listed(client):
     assert [m.id for m in client.models.list().data] == [MODEL]
 

@@ -302,7 +302,8 @@ def context_error(engine: AsyncLLMEngine, ids: list[int], exc: ValueError) -> AP
 
 
 def _default_max_tokens(requested: int | None, context: int):
-    """A ``params_for`` builder: the request's max_tokens, or what the context leaves."""
+    """A ``params_for`` builder: the request's max_tokens, or what ``context`` (the engine's
+    ``max_model_len``: the model's context or the KV cache's capacity, the smaller) leaves."""
     def pick(ids: list[int]) -> int:
         return requested if requested is not None else max(1, context - len(ids))
     return pick
@@ -415,7 +416,7 @@ def create_app(load_engine: Callable[[], LLMEngine], model_name: str = "tiny", *
                 tokenizer_pool, prompt_of, tokenizer, context)
         finally:
             state.preparing -= 1
-        pick = _default_max_tokens(max_tokens, context)
+        pick = _default_max_tokens(max_tokens, engine.engine.max_model_len)
         return Generation(state, prompts, body.n, lambda ids, i: sampling_params(body, pick(ids), i),
                           stops + template_stops)
 

@@ -22,6 +22,7 @@ from course_lib.models.families import as_course_model
 from course_lib.models.paged import PagedAttentionMetadata, PagedKVCache
 from course_lib.runtime import triton_mode
 from course_lib.serving.block_manager import BlockManager
+from course_lib.serving.detokenizer import special_token_ids
 from course_lib.serving.scheduler import Scheduler, SchedulerOutput
 from course_lib.serving.sequence import SamplingParams, Sequence, SequenceStatus
 
@@ -135,6 +136,13 @@ class LLMEngine:
         self.scheduler.add(seq)
         self.requests[seq.request_id] = seq
         return seq
+
+    @property
+    def max_model_len(self) -> int:
+        """The longest request (prompt + output) this engine can ever run: the model's context,
+        or less when the whole KV cache holds fewer tokens (vLLM's ``max_model_len``). A request
+        that leaves ``max_tokens`` out gets what this leaves after its prompt."""
+        return min(self.model.config.n_positions, self.scheduler.capacity_tokens())
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError unless the request fits the context and could fit the KV cache.
@@ -259,7 +267,8 @@ class LLMEngine:
                 seq.metrics(since), seq.num_cached_tokens, seq.num_output_tokens)
         text = None
         if self.tokenizer is not None and seq.is_finished:
-            text = self.tokenizer.decode(seq.output_token_ids)
+            skip = special_token_ids(self.tokenizer)  # no <|im_end|> in the text, as in vLLM
+            text = self.tokenizer.decode([t for t in seq.output_token_ids if t not in skip])
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, seq.output_token_ids,
                              text, seq.is_finished, seq.finish_reason, seq.metrics(),
                              seq.num_cached_tokens, seq.num_output_tokens)

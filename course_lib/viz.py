@@ -228,10 +228,12 @@ def plot_block_tables(block_tables, num_tokens, num_blocks: int, block_size: int
 
 # --- chapter 5: continuous batching ----------------------------------------------------------
 
-#: Gantt colours: prefill (prompt tokens), decode (one token), idle (a slot held, nothing useful:
+#: Gantt colours: prefill (prompt tokens), decode (one token), a decode whose step also computed
+#: prompt tokens (its token waited for them: drawn hatched), idle (a slot held, nothing useful:
 #: static batching's finished rows), and waiting (held by a running request this step skipped).
-GANTT_COLORS = {"prefill": "tab:orange", "decode": "tab:blue", "idle": "tab:red",
-                "waiting": "0.85"}
+_SHARED = "decode, step shared with a prefill"
+GANTT_COLORS = {"prefill": "tab:orange", "decode": "tab:blue", _SHARED: "tab:blue",
+                "idle": "tab:red", "waiting": "0.85"}
 
 
 def batch_slots(steps) -> dict[str, tuple[int, int, int]]:
@@ -257,15 +259,49 @@ def batch_slots(steps) -> dict[str, tuple[int, int, int]]:
     return slots
 
 
+def gantt_segments(steps, x: str = "time") -> dict[str, dict[int, list[tuple[float, float]]]]:
+    """``{kind: {slot: [(left, width), ...]}}``: one segment per (slot, step), what
+    :func:`plot_batch_gantt` draws.
+
+    A request's first step, or any step giving it more than one token, is ``"prefill"``; one
+    token is ``"decode"``, or ``"decode, step shared with a prefill"`` when the same step also
+    computed prompt tokens (of any request): that decode's token came out only when the whole
+    step, prompt tokens included, was done, so the segment's length is the stall it suffered.
+    ``idle`` ids are slots held doing nothing useful; ``"waiting"`` is a request that holds its
+    slot but was not scheduled in the step.
+    """
+    steps = list(steps)
+    slots = batch_slots(steps)
+    t0 = steps[0].start if steps else 0.0
+    segments: dict[str, dict[int, list[tuple[float, float]]]] = {k: {} for k in GANTT_COLORS}
+    for i, step in enumerate(steps):
+        left, width = (step.start - t0, step.end - step.start) if x == "time" else (i, 1.0)
+        kinds = {}
+        for request_id, n in step.scheduled:
+            kinds[request_id] = "idle" if request_id in step.idle else \
+                "prefill" if (n > 1 or i == slots[request_id][1]) else "decode"
+        if "prefill" in kinds.values():
+            kinds = {r: _SHARED if k == "decode" else k for r, k in kinds.items()}
+        for request_id in step.idle:
+            kinds.setdefault(request_id, "idle")
+        for request_id, (slot, first, last) in slots.items():
+            if first <= i <= last:
+                kind = kinds.get(request_id, "waiting")
+                segments[kind].setdefault(slot, []).append((left, width))
+    return segments
+
+
 def plot_batch_gantt(steps, *, title: str | None = None, num_slots: int | None = None,
                      x: str = "time", ax=None, label_requests: bool = True):
-    """Batch slots over time: one row per slot, one bar per (slot, step), coloured by the work done.
+    """Batch slots over time: one row per slot, one segment per (slot, step), coloured by the work.
 
     ``steps`` are ``StepRecord`` objects (from ``LLMEngine.steps`` or static batching). With
-    ``x="time"`` a bar spans the step's measured start..end (seconds from the first step);
-    with ``x="step"`` each step is one unit wide. A request's first step, or any step giving
-    it more than one token, is prefill; one token is decode; ``idle`` ids are slots held doing
-    nothing useful (static batching's finished rows, computing padding).
+    ``x="time"`` a segment spans the step's measured start..end (seconds from the first step);
+    with ``x="step"`` each step is one unit wide. Every step is drawn as its own segment
+    (separated from the next by a thin white line, up to 400 steps), so a step that took longer
+    shows as a longer segment; decodes in a step that also computed prompt tokens are hatched:
+    the length of such a segment is the stall that step's prompt tokens caused them (see
+    :func:`gantt_segments` for the kinds).
     """
     from matplotlib.patches import Patch
 
@@ -276,28 +312,17 @@ def plot_batch_gantt(steps, *, title: str | None = None, num_slots: int | None =
     else:
         fig = ax.figure
     slots = batch_slots(steps)
-    t0 = steps[0].start if steps else 0.0
-    bars: dict[str, dict[int, list[tuple[float, float]]]] = {k: {} for k in GANTT_COLORS}
-    for i, step in enumerate(steps):
-        left, width = (step.start - t0, step.end - step.start) if x == "time" else (i, 1.0)
-        present = set()
-        for request_id, n in step.scheduled:
-            present.add(request_id)
-            slot, first, _ = slots[request_id]
-            kind = "idle" if request_id in step.idle else \
-                "prefill" if (n > 1 or i == first) else "decode"
-            bars[kind].setdefault(slot, []).append((left, width))
-        for request_id in step.idle:
-            if request_id not in present:
-                present.add(request_id)
-                bars["idle"].setdefault(slots[request_id][0], []).append((left, width))
-        for request_id, (slot, first, last) in slots.items():
-            if first <= i <= last and request_id not in present:
-                bars["waiting"].setdefault(slot, []).append((left, width))
-    for kind, per_slot in bars.items():
+    segments = gantt_segments(steps, x)
+    edge = 0.4 if len(steps) <= 400 else 0.0  # step boundaries; too many to show past that
+    for kind, per_slot in segments.items():
         for slot, spans in per_slot.items():
-            ax.broken_barh(spans, (slot - 0.4, 0.8), facecolors=GANTT_COLORS[kind], linewidth=0)
+            ax.broken_barh(spans, (slot - 0.4, 0.8), facecolors=GANTT_COLORS[kind],
+                           edgecolors="white", linewidth=edge)
+            if kind == _SHARED:  # the stall: hatched in the prefill's colour
+                ax.broken_barh(spans, (slot - 0.4, 0.8), facecolors="none",
+                               edgecolors=GANTT_COLORS["prefill"], linewidth=0, hatch="////")
     if label_requests and len(slots) <= 40:
+        t0 = steps[0].start if steps else 0.0
         for request_id, (slot, first, _) in slots.items():
             left = steps[first].start - t0 if x == "time" else first
             ax.text(left, slot, f" {request_id}", va="center", ha="left", fontsize=6, color="black")
@@ -306,8 +331,12 @@ def plot_batch_gantt(steps, *, title: str | None = None, num_slots: int | None =
     ax.set_yticks(range(rows))
     ax.set_ylabel("batch slot")
     ax.set_xlabel("seconds since the first step" if x == "time" else "step")
-    ax.legend(handles=[Patch(color=c, label=k) for k, c in GANTT_COLORS.items()], fontsize=7,
-              loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=4, frameon=False)
+    ax.set_xlim(left=0)
+    handles = [Patch(facecolor=c, label=k) for k, c in GANTT_COLORS.items() if k != _SHARED]
+    handles.insert(2, Patch(facecolor=GANTT_COLORS[_SHARED], edgecolor=GANTT_COLORS["prefill"],
+                            hatch="////", linewidth=0, label=_SHARED))
+    ax.legend(handles=handles, fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=5,
+              frameon=False)
     if title:
         ax.set_title(title, fontsize=9, loc="left")
     return fig
@@ -336,6 +365,7 @@ def plot_throughput_latency(series: dict, x: str = "max_num_seqs", title: str | 
         ax.set_xticks(ticks, [str(v) for v in ticks])
         ax.set_xlabel(x)
         ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)  # from zero, so that two heights compare as a ratio
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     if title:
@@ -366,6 +396,7 @@ def plot_load_sweep(levels: list[dict], title: str | None = None):
         twin.plot(xs, [s["goodput"] for s in sums], "s--", color="tab:purple",
                   label="goodput (req/s in SLO)")
         twin.set_ylabel("requests / s")
+        twin.set_ylim(bottom=0)
         twin.legend(fontsize=7, loc="lower right")
     axes[0].legend(fontsize=7, loc="upper left")
     for ax, key, name in ((axes[1], "ttft", "time to first token"),
@@ -381,6 +412,7 @@ def plot_load_sweep(levels: list[dict], title: str | None = None):
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.set_xlabel("max concurrency (requests in flight)")
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=10)

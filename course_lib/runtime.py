@@ -74,7 +74,7 @@ def describe_mode() -> str:
     why = ("COURSE_MODE" if os.environ.get("COURSE_MODE", "").strip()
            else "COURSE_FAST=1" if _env_flag("COURSE_FAST")
            else "default with a CUDA GPU" if mode == "full" else "default without a CUDA GPU")
-    sizes = {"fast": "smallest sizes, bundled tiny models (CI)",
+    sizes = {"fast": "smallest sizes, SmolLM2-135M and the bundled tiny models (CI)",
              "cpu": "laptop sizes, real models",
              "full": "full sizes, real models"}[mode]
     return f"course mode: {mode} ({why}): {sizes}; device {get_device()}"

@@ -1,10 +1,21 @@
 """Claim: continuous batching over a paged KV cache (our ``LLMEngine``) gives at least 2x the
 output tokens/s of static batching, with a lower p99 request latency, in the same KV memory.
 
-One seeded workload, one run, one model (the bundled tiny target by default, ``--model``):
-N requests (default 64) of random token ids (uniform over the vocabulary minus id 0, seeded;
-not text: no request shares a prefix, so prefix caching cannot help), prompt lengths uniform in
-16..256, output lengths uniform in 16..256 (``ignore_eos``, greedy), all arriving at t = 0.
+One run, one seeded workload per model, each model its own section with its own ratios
+(``--models``, default ``smollm2-135m tiny``: SmolLM2-135M-Instruct, the LLaMA-family model the
+server runs, is the headline; the bundled tiny GPT-2 target is the second row). A workload is N
+requests of random token ids (uniform over the vocabulary minus id 0, seeded; not text: no
+request shares a prefix, so prefix caching cannot help), prompt and output lengths uniform in a
+range (``ignore_eos``, greedy), all arriving at t = 0:
+
+- **smollm2-135m**: 16 requests, prompts 16..128, outputs 16..128 tokens. SmolLM2 is ~135M
+  parameters in fp32 (~540 MB of weights read per forward pass) against the tiny model's few
+  MB: a decode step on 1 thread of the 2-core EPYC costs ~100-250 ms at batch 1-16, ~10x the
+  tiny model's, so the tiny workload (64 x 16..256 + 16..256) would take ~30 min here; this one
+  keeps the SmolLM2 section at ~2-3 minutes (4 runs);
+- **tiny**: 64 requests, prompts 16..256, outputs 16..256 tokens (~3 minutes).
+
+``--requests``, ``--prompt-len`` and ``--output-len`` override these for every model.
 
 - **static**: ``course_lib.serving.static_batching`` in fixed batches of B (default 8), each
   left-padded and run until its longest request is done (the baseline);
@@ -12,10 +23,11 @@ not text: no request shares a prefix, so prefix caching cannot help), prompt len
   = the batch's longest output (so every row really runs); only each request's own tokens count;
 - **engine**: ``course_lib.serving.engine.LLMEngine`` with the **same KV budget** the static
   batcher reserves, B x (max prompt + max output) token slots, as ``num_blocks`` blocks of 16,
-  ``max_num_seqs`` 2 x B = 16 (that budget holds about 15 sequences of this workload's mean
-  final length, 136 + 136 tokens; a higher cap admits more than fit as they grow, and the
-  scheduler then preempts and recomputes, spending forward passes on tokens it already had; the
-  run reports its preemptions), ``max_num_batched_tokens`` 512.
+  ``max_num_seqs`` 2 x B = 16 (with the tiny workload that budget holds about 15 sequences of
+  the mean final length, 136 + 136 tokens; a higher cap admits more than fit as they grow, and
+  the scheduler then preempts and recomputes, spending forward passes on tokens it already had;
+  the run reports its preemptions), ``max_num_batched_tokens`` 512. KV bytes are the model's
+  own: SmolLM2 stores only its 3 KV heads (46,080 bytes per token in fp32).
 
 Static batching and the engine each run ``--repeats`` times (default 2) in alternating order
 and keep their fastest run; HF runs once. Per system: output tokens/s (each request's own tokens / time until the last one finishes),
@@ -25,14 +37,17 @@ ratios engine/static throughput and static/engine p99 latency, measured in this 
 engine's step time is split into the model's forward pass and the rest (Python: scheduling,
 block tables, metadata, sampling).
 
-Memory section: for a KV budget of ``--budget-tokens`` slots (default 4096), how many sequences
+Memory section (per model, from its workload): for a KV budget of ``--budget-tokens`` slots (default 4096), how many sequences
 a max-length contiguous reservation admits (budget // max_len) against the real
 ``BlockManager`` admitting the workload's requests at their actual lengths, and the share of
 reserved slots that hold no token for each (vLLM reports < 4% for paging, 60-80% contiguous).
 
-    python benchmarks/engine.py [--quick] [--requests 64] [--batch-size 8] [--threads 1]
+    python benchmarks/engine.py [--quick] [--models smollm2-135m tiny] [--requests N]
+                                [--batch-size 8] [--threads 1]
 
-Writes ``benchmarks/results/engine-<machine>.json`` and a bar chart ``.png`` beside it.
+Writes ``benchmarks/results/engine-<machine>.json`` (one section per model under ``models``;
+the headline model's section, the first, is also copied to the top level) and a bar chart
+``.png`` beside it (one row of panels per model).
 """
 
 from __future__ import annotations
@@ -47,7 +62,8 @@ import transformers
 from transformers.generation.streamers import BaseStreamer
 
 from course_lib import runtime, viz
-from course_lib.models.gpt import GPT
+from course_lib.generation.generate import kv_cache_bytes_for
+from course_lib.models.families import as_course_model, context_length
 from course_lib.models.hub import load_model
 from course_lib.models.paged import PagedKVCache
 from course_lib.serving.block_manager import BlockManager
@@ -57,6 +73,17 @@ from course_lib.serving.static_batching import run_static_batching
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_SPEEDUP = 2.0
+#: per-model workload (requests, prompt lengths, output lengths), sized for a 2-core CPU: see the
+#: module docstring. A model not listed gets the tiny model's.
+WORKLOADS = {
+    "smollm2-135m": {"requests": 16, "prompt_len": [16, 128], "output_len": [16, 128]},
+    "tiny": {"requests": 64, "prompt_len": [16, 256], "output_len": [16, 256]},
+}
+#: --quick (a smoke test; numbers meaningless): SmolLM2 smaller still, so it takes seconds
+QUICK_WORKLOADS = {
+    "smollm2-135m": {"requests": 8, "prompt_len": [8, 32], "output_len": [8, 32]},
+    "tiny": {"requests": 16, "prompt_len": [8, 64], "output_len": [8, 64]},
+}
 
 
 def workload(n: int, prompt_range, output_range, vocab: int, seed: int):
@@ -124,8 +151,7 @@ def run_hf(hf, prompts, olens, batch_size):
     t0 = time.perf_counter()
     e2e, ttft = [], []
     reserved = used = 0
-    c = hf.config
-    per_token = 2 * c.n_layer * c.n_embd * next(hf.parameters()).element_size()
+    per_token = kv_cache_bytes_for(hf.config, tokens=1, dtype_bytes=next(hf.parameters()).element_size())
     for s in range(0, len(prompts), batch_size):
         rows = range(s, min(s + batch_size, len(prompts)))
         L, M = max(len(prompts[i]) for i in rows), max(olens[i] for i in rows)
@@ -184,8 +210,7 @@ def run_engine(model, prompts, olens, num_blocks, args):
     metrics = [s.metrics() for s in seqs]
     e2e = [m["e2e"] for m in metrics]
     block_bytes = PagedKVCache.bytes_per_block(engine.model, args.block_size)
-    c = engine.model.config
-    per_token = 2 * c.n_layer * c.n_embd * engine.model.transformer.wte.weight.element_size()
+    per_token = PagedKVCache.bytes_per_block(engine.model, 1)  # KV heads only (GQA)
     batched = [sum(n for _, n in s.scheduled) for s in engine.steps]
     row = summarize("engine", e2e, [m["ttft"] for m in metrics], sum(s.num_output_tokens for s in seqs),
                     max(e2e), peak_blocks * block_bytes, peak_tokens * per_token,
@@ -232,77 +257,63 @@ def memory_section(prompts, olens, budget_tokens: int, max_len: int, block_size:
 
 
 def plot(result: dict, out: Path) -> None:
+    """One row of three panels per model: throughput, latency, sequences in a KV budget."""
     plt = viz.script_pyplot()
     if plt is None:
         return
-    rows = result["systems"]
-    names = [r["system"] for r in rows]
-    colors = ["#999999", "#c9a227", "#2a7ab9"][: len(rows)]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    axes[0].bar(names, [r["output_tokens_per_s"] for r in rows], color=colors)
-    axes[0].set_title("output tokens/s (higher is better)")
-    x = range(len(rows))
-    axes[1].bar([i - 0.2 for i in x], [r["p50_e2e_s"] for r in rows], 0.4, label="p50", color="#bbbbbb")
-    axes[1].bar([i + 0.2 for i in x], [r["p99_e2e_s"] for r in rows], 0.4, label="p99", color=colors)
-    axes[1].set_xticks(list(x), names)
-    axes[1].set_title("request latency, s (lower is better)")
-    axes[1].legend()
-    mem = result["memory"]
-    axes[2].bar(["contiguous\n(max length)", f"paged\n(blocks of {mem['block_size']})"],
-                [mem["contiguous_sequences"], mem["paged_sequences"]], color=["#999999", "#2a7ab9"])
-    axes[2].set_title(f"sequences in {mem['budget_tokens']} KV slots")
-    fig.suptitle(f"{result['model']}, {result['settings']['requests']} requests, B = "
-                 f"{result['settings']['batch_size']} ({result['machine']})", fontsize=9)
+    sections = result["models"]
+    fig, grid = plt.subplots(len(sections), 3, figsize=(12, 3.6 * len(sections)), squeeze=False)
+    for axes, sec in zip(grid, sections, strict=True):
+        rows = sec["systems"]
+        names = [r["system"] for r in rows]
+        colors = [{"static": "#999999", "hf": "#c9a227"}.get(n, "#2a7ab9") for n in names]
+        w = sec["workload"]
+        axes[0].bar(names, [r["output_tokens_per_s"] for r in rows], color=colors)
+        axes[0].set_ylim(bottom=0)
+        axes[0].set_title(f"{sec['model']}: output tokens/s (higher is better)\nengine / static "
+                          f"{sec['engine_over_static_tokens_per_s']:.2f}x", fontsize=9)
+        x = range(len(rows))
+        axes[1].bar([i - 0.2 for i in x], [r["p50_e2e_s"] for r in rows], 0.4, label="p50", color="#bbbbbb")
+        axes[1].bar([i + 0.2 for i in x], [r["p99_e2e_s"] for r in rows], 0.4, label="p99", color=colors)
+        axes[1].set_xticks(list(x), names)
+        axes[1].set_ylim(bottom=0)
+        axes[1].set_title(f"{sec['model']}: request latency, s (lower is better)\n{w['requests']} "
+                          f"requests, prompts {w['prompt_len'][0]}..{w['prompt_len'][1]}, outputs "
+                          f"{w['output_len'][0]}..{w['output_len'][1]}", fontsize=9)
+        axes[1].legend()
+        mem = sec["memory"]
+        axes[2].bar(["contiguous\n(max length)", f"paged\n(blocks of {mem['block_size']})"],
+                    [mem["contiguous_sequences"], mem["paged_sequences"]], color=["#999999", "#2a7ab9"])
+        axes[2].set_title(f"{sec['model']}: sequences in {mem['budget_tokens']} KV slots", fontsize=9)
+    fig.suptitle(f"engine vs static batching (B = {result['settings']['batch_size']}, same KV memory, "
+                 f"{result['threads']} thread(s); {result['machine']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     print(f"wrote {out}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="default: the bundled tiny target")
-    parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--prompt-len", type=int, nargs=2, default=[16, 256], metavar=("MIN", "MAX"))
-    parser.add_argument("--output-len", type=int, nargs=2, default=[16, 256], metavar=("MIN", "MAX"))
-    parser.add_argument("--batch-size", type=int, default=8, help="static batch size B")
-    parser.add_argument("--max-num-seqs", type=int, default=None,
-                        help="engine's sequence cap (default: 2 x --batch-size)")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--budget-tokens", type=int, default=4096, help="memory section's KV budget")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="runs of static batching and of the engine, alternating; best kept")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-hf", action="store_true", help="skip HF generate")
-    parser.add_argument("--quick", action="store_true", help="16 requests, lengths 8..64")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
-    args = parser.parse_args()
-    if args.max_num_seqs is None:
-        args.max_num_seqs = 2 * args.batch_size
-    if args.quick:
-        args.requests, args.prompt_len, args.output_len, args.repeats = 16, [8, 64], [8, 64], 1
-    torch.set_num_threads(args.threads)
+def run_model(name: str, args, work: dict) -> dict:
+    """The whole comparison for one model, in this run: its section of the result."""
     runtime.seed_everything(args.seed)
-    hf, _ = load_model(args.model, device=runtime.get_device())
-    model = GPT.from_hf(hf)
-    context = model.config.n_positions
-    max_len = args.prompt_len[1] + args.output_len[1]
+    hf, _ = load_model(name, device=runtime.get_device())
+    model = as_course_model(hf)  # GPT-2 or LLaMA family, as the engine and static batching take it
+    context = context_length(model.config)
+    max_len = work["prompt_len"][1] + work["output_len"][1]
     if max_len > context:
-        raise SystemExit(f"--prompt-len max + --output-len max = {max_len} exceeds the model's "
+        raise SystemExit(f"{name}: prompt max + output max = {max_len} exceeds the model's "
                          f"context of {context}")
-    prompts, olens = workload(args.requests, args.prompt_len, args.output_len,
+    prompts, olens = workload(work["requests"], work["prompt_len"], work["output_len"],
                               model.config.vocab_size, args.seed)
     budget = args.batch_size * max_len  # what static batching reserves at its worst
     num_blocks = -(-budget // args.block_size)
-    print(f"{hf.course_name}: {args.requests} requests, prompts {args.prompt_len[0]}..{args.prompt_len[1]}, "
-          f"outputs {args.output_len[0]}..{args.output_len[1]} tokens (random ids, seed {args.seed}); "
-          f"static B = {args.batch_size}; engine: {num_blocks} blocks of {args.block_size} "
-          f"(= {budget} KV slots, B x {max_len}), max_num_seqs {args.max_num_seqs}, "
-          f"max_num_batched_tokens {args.max_num_batched_tokens}; {torch.get_num_threads()} thread(s), "
-          f"{runtime.machine_description()}", flush=True)
+    print(f"\n=== {hf.course_name}: {work['requests']} requests, prompts {work['prompt_len'][0]}.."
+          f"{work['prompt_len'][1]}, outputs {work['output_len'][0]}..{work['output_len'][1]} tokens "
+          f"(random ids, seed {args.seed}); static B = {args.batch_size}; engine: {num_blocks} blocks "
+          f"of {args.block_size} (= {budget} KV slots, B x {max_len}, "
+          f"{PagedKVCache.bytes_per_block(model, 1)} bytes per token), max_num_seqs "
+          f"{args.max_num_seqs}, max_num_batched_tokens {args.max_num_batched_tokens}; "
+          f"{torch.get_num_threads()} thread(s), {runtime.machine_description()}", flush=True)
+    start = time.perf_counter()
 
     # warm-up (first-call costs), a few short requests through each system
     wp, wo = workload(4, (8, 16), (4, 8), model.config.vocab_size, args.seed + 1)
@@ -316,14 +327,14 @@ def main() -> None:
     # minutes, and alternation keeps the drift from favouring whichever system ran last.
     runs: dict[str, list] = {"static": [], "engine": []}
     for rep in range(args.repeats):
-        for name in ("static", "engine") if rep % 2 == 0 else ("engine", "static"):
-            print(f"{name} (run {rep + 1}/{args.repeats}) ...", flush=True)
-            runs[name].append(run_static(model, prompts, olens, args.batch_size, args.progress)
-                              if name == "static" else run_engine(model, prompts, olens, num_blocks, args))
+        for system in ("static", "engine") if rep % 2 == 0 else ("engine", "static"):
+            print(f"{system} (run {rep + 1}/{args.repeats}) ...", flush=True)
+            runs[system].append(run_static(model, prompts, olens, args.batch_size, args.progress)
+                                if system == "static" else run_engine(model, prompts, olens, num_blocks, args))
     (static, static_tokens), (engine, engine_tokens) = (
-        max(runs[name], key=lambda run: run[0]["output_tokens_per_s"]) for name in ("static", "engine"))
-    for row, name in ((static, "static"), (engine, "engine")):
-        row["runs_output_tokens_per_s"] = [r["output_tokens_per_s"] for r, _ in runs[name]]
+        max(runs[system], key=lambda run: run[0]["output_tokens_per_s"]) for system in ("static", "engine"))
+    for row, system in ((static, "static"), (engine, "engine")):
+        row["runs_output_tokens_per_s"] = [r["output_tokens_per_s"] for r, _ in runs[system]]
     systems = [static]
     if not args.no_hf:
         print("HF generate ...", flush=True)
@@ -337,9 +348,10 @@ def main() -> None:
     speedup = engine["output_tokens_per_s"] / static["output_tokens_per_s"]
     p99_ratio = static["p99_e2e_s"] / engine["p99_e2e_s"]
     met = speedup >= TARGET_SPEEDUP and p99_ratio > 1
-    print(f"engine / static: {speedup:.2f}x output tokens/s (target >= {TARGET_SPEEDUP:.0f}x), p99 E2E "
-          f"static / engine {p99_ratio:.2f}x (target > 1) -> {'met' if met else 'NOT met'}; "
-          f"greedy outputs identical for {same}/{len(prompts)} requests", flush=True)
+    print(f"{hf.course_name}: engine / static: {speedup:.2f}x output tokens/s (target >= "
+          f"{TARGET_SPEEDUP:.0f}x), p99 E2E static / engine {p99_ratio:.2f}x (target > 1) -> "
+          f"{'met' if met else 'NOT met'}; greedy outputs identical for {same}/{len(prompts)} "
+          f"requests", flush=True)
     work_ratio = static["token_forwards"] / engine["token_forwards"]
     print(f"work: static batching ran {static['token_forwards']} token positions through the model "
           f"in {static['forward_passes']} passes, the engine {engine['token_forwards']} in "
@@ -347,27 +359,82 @@ def main() -> None:
           f"{static['forward_passes'] / engine['forward_passes']:.2f}x fewer passes). Where a pass "
           f"costs in proportion to its tokens (a small model on a CPU), the work ratio is about "
           f"what scheduling alone can gain; where it costs about the same at any batch size (decode "
-          f"on a GPU reads the same weights), the pass ratio is", flush=True)
+          f"reading the same weights: a GPU, or a model whose weights dwarf its activations), the "
+          f"pass ratio is", flush=True)
     memory = memory_section(prompts, olens, args.budget_tokens, max_len, args.block_size)
+    seconds = time.perf_counter() - start
+    print(f"{hf.course_name}: {seconds:.0f} s", flush=True)
+    return {
+        "model": hf.course_name, "model_source": hf.course_source,
+        "workload": {**work, "engine_num_blocks": num_blocks, "engine_kv_slots": budget,
+                     "kv_bytes_per_token": PagedKVCache.bytes_per_block(model, 1)},
+        "systems": systems,
+        "engine_over_static_tokens_per_s": speedup, "static_over_engine_p99": p99_ratio,
+        "static_over_engine_token_forwards": work_ratio,
+        "hf_over_static_tokens_per_s": (systems[1]["output_tokens_per_s"] / static["output_tokens_per_s"]
+                                        if not args.no_hf else None),
+        "target_met": met, "same_greedy_outputs": same, "memory": memory, "seconds": seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["smollm2-135m", "tiny"],
+                        help="models, each its own section; the first is the headline "
+                             "(default: %(default)s)")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="requests per model (default: per model, see WORKLOADS)")
+    parser.add_argument("--prompt-len", type=int, nargs=2, default=None, metavar=("MIN", "MAX"))
+    parser.add_argument("--output-len", type=int, nargs=2, default=None, metavar=("MIN", "MAX"))
+    parser.add_argument("--batch-size", type=int, default=8, help="static batch size B")
+    parser.add_argument("--max-num-seqs", type=int, default=None,
+                        help="engine's sequence cap (default: 2 x --batch-size)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--budget-tokens", type=int, default=4096, help="memory section's KV budget")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs of static batching and of the engine, alternating; best kept")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-hf", action="store_true", help="skip HF generate")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 1 run each, 16 requests of 8..64 tokens (SmolLM2: 8 of 8..32)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
+    args = parser.parse_args()
+    if args.max_num_seqs is None:
+        args.max_num_seqs = 2 * args.batch_size
+    if args.quick:
+        args.repeats = 1
+    torch.set_num_threads(args.threads)
+    sections = []
+    for name in args.models:
+        table = QUICK_WORKLOADS if args.quick else WORKLOADS
+        work = dict(table.get(name, table["tiny"]))
+        for key in ("requests", "prompt_len", "output_len"):
+            if getattr(args, key) is not None:
+                work[key] = getattr(args, key)
+        sections.append(run_model(name, args, work))
+    print("\nsummary: " + "; ".join(
+        f"{sec['model']} engine / static {sec['engine_over_static_tokens_per_s']:.2f}x "
+        f"({'met' if sec['target_met'] else 'NOT met'})" for sec in sections), flush=True)
     settings = {**vars(args), "out": str(args.out) if args.out else None,
-                "engine_num_blocks": num_blocks, "engine_kv_slots": budget,
+                "workloads": {sec["model"]: sec["workload"] for sec in sections},
                 "workload": "random token ids 1..vocab-1 (torch.Generator seeded), all arriving at t=0"}
+    headline = sections[0]
     result = {
         "benchmark": "engine",
         "claim": "LLMEngine >= 2x static batching output tokens/s, lower p99 E2E, same KV memory",
         "machine": runtime.machine_description(), "device": str(runtime.get_device()),
         "torch": torch.__version__, "transformers": transformers.__version__,
-        "threads": torch.get_num_threads(), "model": hf.course_name, "model_source": hf.course_source,
-        "settings": settings, "systems": systems,
-        "engine_over_static_tokens_per_s": speedup, "static_over_engine_p99": p99_ratio,
-        "static_over_engine_token_forwards": work_ratio,
-        "hf_over_static_tokens_per_s": (systems[1]["output_tokens_per_s"] / static["output_tokens_per_s"]
-                                        if not args.no_hf else None),
-        "target_met": met, "same_greedy_outputs": same, "memory": memory,
+        "threads": torch.get_num_threads(), "settings": settings,
+        # the headline model's section at the top level too (what older readers expect)
+        **{k: v for k, v in headline.items() if k != "seconds"},
+        "headline_model": headline["model"], "models": sections,
     }
     out = runtime.write_result("engine", result, RESULTS, args.out)
     plot(result, out.with_suffix(".png"))
-
 
 if __name__ == "__main__":
     main()

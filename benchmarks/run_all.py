@@ -1,7 +1,7 @@
 """Run every benchmark of one set, then write the summary of headline ratios.
 
 ``make bench`` runs the CPU set: the benchmarks that time something on any machine, each with
-the arguments below (chosen so that the whole set takes about 13 minutes on a quiet 2-core CPU
+the arguments below (chosen so that the whole set takes about 23 minutes on a quiet 2-core CPU
 while every headline claim is still measured as its script defines it). ``make bench-gpu`` runs
 the GPU set (``--gpu``): the Triton kernel benchmarks, which only time on a CUDA device; without
 one it prints a single line saying so and runs nothing (exit status 0, or 1 with
@@ -16,7 +16,7 @@ is measured but not met is not a failure: the summary's "met" column says so.
 
     python benchmarks/run_all.py [--gpu] [--quick] [--results DIR] [--only NAME ...] [--dry-run]
 
-``--quick`` runs every benchmark with smoke-test settings (about 3 minutes on 2 cores) to check
+``--quick`` runs every benchmark with smoke-test settings (about 5 minutes on 2 cores) to check
 the pipeline; its numbers are not the claims' measurements, so without ``--results`` it writes
 to a new temporary folder rather than over ``benchmarks/results/``.
 """
@@ -47,9 +47,11 @@ CPU_SET: dict[str, list[str]] = {
     # the bundled pair, the default prompts (3 code + 3 English) and 64 new tokens, 2 interleaved
     # repeats instead of 3; ~100 s
     "speculative": ["--target", "tiny", "--draft", "tiny-draft", "--repeats", "2"],
-    # the full workload (64 requests, 16..256 + 16..256 tokens, best of 2 alternating runs of
-    # each system) without the HF generate row, which is no headline and costs ~70 s; ~190 s
-    "engine": ["--no-hf", "--no-progress"],
+    # SmolLM2-135M (the headline: 16 requests, 16..128 + 16..128 tokens, sized for its ~10x
+    # costlier steps) then the tiny model (64 requests, 16..256 + 16..256), best of 2 alternating
+    # runs of each system per model, without the HF generate row, which is no headline and costs
+    # ~70 s on tiny alone; ~5 min (SmolLM2 ~2.5, tiny ~3)
+    "engine": ["--models", "smollm2-135m", "tiny", "--no-hf", "--no-progress"],
     # SmolLM2-135M-Instruct (offline, LLaMA family) beside the tiny GPT-2, on stdlib text (what
     # every machine has); the precisions the targets name (W4 and W3 at g128, g64 on SmolLM2
     # whose 576-wide layers 128 does not divide) with RTN, GPTQ and AWQ (not act-order: no
@@ -59,9 +61,12 @@ CPU_SET: dict[str, list[str]] = {
     "quant_quality": ["--models", "smollm2-135m", "tiny", "--dataset", "stdlib", "--quick",
                       "--no-act-order", "--n-samples", "16", "--seq-len", "256", "--eval-tokens",
                       "4096", "--awq-search-tokens", "256", "--no-progress"],
-    # 8 s per concurrency level instead of 20; the 60 s soak of 32 clients and the 2 extra
-    # alternating c=1 / c=8 runs are kept; an unmet check is reported, not an error; ~155 s
-    "serve": ["--duration", "8", "--no-fail"],
+    # the sweep on SmolLM2-135M (32 output tokens, at most 16 requests per level: level 32 cut)
+    # then on the tiny model (64 output tokens, levels 1..32), 8 s per concurrency level instead
+    # of 20; per model the 2 extra alternating c=1 / c=8 runs are kept, and the two 60 s soaks of
+    # 128 clients (plain, hostile) on the tiny model's --max-queue 8 server; an unmet check is
+    # reported, not an error; ~7 min (sweeps ~2.5 + ~1.5, soaks ~2.5)
+    "serve": ["--models", "smollm2-135m", "tiny", "--duration", "8", "--no-fail"],
 }
 GPU_SET: dict[str, list[str]] = {
     "quant_kernels": [],  # every shape, M = 1, 16, 256
@@ -72,10 +77,10 @@ QUICK: dict[str, list[str]] = {
     "tiny_pair_speed": ["--prompt-len", "8", "--new-tokens", "16", "--repeats", "1"],
     "kv_cache": ["--model", "tiny", "--quick"],
     "speculative": ["--target", "tiny", "--draft", "tiny-draft", "--quick"],
-    "engine": ["--quick", "--no-hf", "--no-progress"],
+    "engine": ["--models", "smollm2-135m", "tiny", "--quick", "--no-hf", "--no-progress"],
     "quant_quality": ["--models", "tiny", "--dataset", "stdlib", "--quick", "--n-samples", "4",
                       "--seq-len", "64", "--eval-tokens", "2048", "--no-progress"],
-    "serve": ["--quick", "--no-fail"],
+    "serve": ["--models", "smollm2-135m", "tiny", "--quick", "--no-fail"],
     "quant_kernels": ["--quick"],
     "paged_attention": ["--quick"],
 }

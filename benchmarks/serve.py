@@ -5,19 +5,26 @@ mixed in**, each answered as it should be, after which the server is idle (nothi
 cache empty) and healthy. And continuous batching makes it scale: **output tokens/s at 8
 concurrent clients >= 3x that at 1 client**.
 
-The script starts the real server as a subprocess (``python -m course_lib serve --model tiny
---port <free port> --max-queue 256``, with ``OMP_NUM_THREADS=--threads``, default 1: the
-machine has 2 cores and the load generator needs one), waits for ``GET /health``, and loads it
-with ``course_lib.serving.loadgen`` (vLLM's ``benchmark_serving.py`` method: streaming
+The sweep runs once per model of ``--models`` (default ``smollm2-135m tiny``: SmolLM2-135M-
+Instruct, the LLaMA-family model, is the headline; the bundled tiny GPT-2 is the second row),
+each on its own server, each with its own 8-vs-1 ratio measured in this run. The script starts
+the real server as a subprocess (``python -m course_lib serve --model MODEL --port <free port>
+--max-queue 256``, with ``OMP_NUM_THREADS=--threads``, default 1: the machine has 2 cores and
+the load generator needs one), waits for ``GET /health``, and loads it with
+``course_lib.serving.loadgen`` (vLLM's ``benchmark_serving.py`` method: streaming
 ``/v1/completions``, TTFT, TPOT = (E2E - TTFT)/(n - 1), ITL, E2E) at a sweep of fixed
 concurrencies (default 1, 2, 4, 8, 16, 32). Each level is a closed loop: C clients, each sending
-its next request as soon as its last one finished (prompts of 32 random words, 64 output tokens
-with ``ignore_eos``, greedy), for ``--duration`` s (default 20). No request starts after the
-time is up and every one in flight is waited for. For the 8-vs-1 ratio, concurrency 1 and 8
-are then run ``--ratio-repeats`` more times (default 2), alternating, and the means compared:
-this VM's speed drifts by up to ~30% over minutes, and the sweep's two runs are a minute apart.
+its next request as soon as its last one finished (prompts of 32 random words, ``ignore_eos``,
+greedy), for ``--duration`` s (default 20). No request starts after the time is up and every
+one in flight is waited for. Per model (``SWEEPS``): the tiny model 64 output tokens, no cap on
+requests; SmolLM2 (~10x slower per step on a CPU) 32 output tokens and at most 16 requests per
+level, a level of more clients than that (32) being cut. For the 8-vs-1 ratio, concurrency 1
+and 8 are then run ``--ratio-repeats`` more times (default 2), alternating, and the means
+compared: this VM's speed drifts by up to ~30% over minutes, and the sweep's two runs are a
+minute apart.
 
-The soak then starts a second server with ``--max-queue --soak-max-queue`` (default 8) and runs
+The soak then starts a server of ``--soak-model`` (default tiny) with ``--max-queue
+--soak-max-queue`` (default 8), and runs
 ``--soak-concurrency`` (default 128) closed-loop clients for ``--soak-duration`` s (default
 60). A 503 with ``Retry-After`` is counted as *rejected*, not failed, and that client waits the
 Retry-After seconds (at most 2) before its next request; anything else that is not a complete
@@ -31,15 +38,20 @@ checked: 400 with OpenAI's error JSON (message/type/param/code) naming the field
 (or a 503 + Retry-After). After it, ``/metrics`` must show ``vllm:num_requests_running`` 0 and
 ``vllm:kv_cache_usage_perc`` 0 (polled for up to 10 s) and ``/health`` 200.
 
-    python benchmarks/serve.py [--quick] [--only sweep|soak] [--concurrency 1 2 4 8 16 32]
+    python benchmarks/serve.py [--quick] [--only sweep|soak] [--models smollm2-135m tiny]
+                               [--concurrency 1 2 4 8 16 32] [--max-requests N]
                                [--duration 20] [--soak-concurrency 128] [--soak-duration 60]
                                [--soak-max-queue 8] [--hostile-clients 8] [--threads 1]
                                [--url http://127.0.0.1:PORT]
 
 ``--url`` loads a server that is already running instead of starting any (the soak then runs
-against whatever queue limit it has). Writes ``benchmarks/results/serve-<machine>.json`` (or
-``--out``) and a plot ``.png`` beside it (output tokens/s, and TTFT and TPOT p50/p99, against
-concurrency). Exits 1 when a check fails (unless ``--no-fail``).
+against whatever queue limit it has; only the first of ``--models`` is swept, by that name).
+``--only sweep --soaks-from FILE`` re-measures the sweeps and copies the soaks from an earlier
+full result (recorded as ``soaks_from``), writing a full result. Writes
+``benchmarks/results/serve-<machine>.json`` (or ``--out``; one section per model under
+``models``, the headline's sweep also at the top level) and a plot ``.png`` beside it (per
+model: output tokens/s, and TTFT and TPOT p50/p99, against concurrency). Exits 1 when a check
+fails (unless ``--no-fail``).
 """
 
 from __future__ import annotations
@@ -65,14 +77,25 @@ TARGET_RATIO = 3.0
 BIG_BODY_BYTES = 5 * 2**20  # over the server's default --max-body-bytes (4 MiB)
 DROP_AFTER_CHUNKS = 3  # the disconnecting client reads this many chunks with text, then leaves
 ERROR_KEYS = {"message", "type", "param", "code"}
+SOAK_OUTPUT_LEN = 64
+#: per-model sweep settings. SmolLM2-135M (fp32, ~540 MB of weights read per forward pass) decodes
+#: ~10x slower than the tiny model on 1 thread of a 2-core CPU (~100-170 ms per step at batch 1):
+#: 32 output tokens, so a request at concurrency 1 takes a few seconds and a level of --duration
+#: s still completes some, and at most 16 requests per level (a level of more clients than
+#: requests never has them all busy: it is cut), so its sweep takes ~3 minutes.
+SWEEPS = {
+    "smollm2-135m": {"output_len": 32, "max_requests": 16},
+    "tiny": {"output_len": 64, "max_requests": None},
+}
 
 
-def run_level(url: str, args, concurrency: int, duration: float) -> dict:
-    """C closed-loop clients for ``duration`` s; the summary plus the issued/completed counts."""
-    out = asyncio.run(run_load(url, args.model, num_prompts=1_000_000, max_concurrency=concurrency,
-                               duration=duration, prompt_len=args.prompt_len,
-                               output_len=args.output_len, seed=args.seed + concurrency,
-                               progress=False))
+def run_level(url: str, args, sweep: dict, concurrency: int, duration: float) -> dict:
+    """C closed-loop clients for ``duration`` s (and at most ``sweep["max_requests"]`` requests);
+    the summary plus the issued/completed counts."""
+    out = asyncio.run(run_load(url, sweep["model"], num_prompts=sweep["max_requests"] or 1_000_000,
+                               max_concurrency=concurrency, duration=duration,
+                               prompt_len=sweep["prompt_len"], output_len=sweep["output_len"],
+                               seed=args.seed + concurrency, progress=False))
     return result_row(out, concurrency, duration)
 
 
@@ -292,7 +315,7 @@ async def hostile_soak(url: str, args, concurrency: int, duration: float) -> tup
     ``duration`` s; returns (run_load's output, the hostile requests' counts by kind)."""
     import httpx
 
-    hostile = Hostile(url, args.model)
+    hostile = Hostile(url, args.soak_model)
     kinds = list(hostile.kinds)
     t0 = time.perf_counter()
 
@@ -309,8 +332,8 @@ async def hostile_soak(url: str, args, concurrency: int, duration: float) -> tup
         async with httpx.AsyncClient(timeout=60.0) as client:
             await asyncio.gather(*(client_loop(client, k) for k in range(args.hostile_clients)))
 
-    load = run_load(url, args.model, num_prompts=1_000_000, max_concurrency=concurrency,
-                    duration=duration, prompt_len=args.prompt_len, output_len=args.output_len,
+    load = run_load(url, args.soak_model, num_prompts=1_000_000, max_concurrency=concurrency,
+                    duration=duration, prompt_len=args.prompt_len, output_len=args.soak_output_len,
                     seed=args.seed + concurrency + 1, progress=False)
     out, _ = await asyncio.gather(load, hostile_clients())
     return out, hostile.stats
@@ -372,8 +395,8 @@ def run_soaks(url: str, args, server: ServerProcess | None) -> dict:
           f"{args.hostile_clients} hostile clients", flush=True)
     print(SOAK_HEADER, flush=True)
     soak = result_row(asyncio.run(run_load(
-        url, args.model, num_prompts=1_000_000, max_concurrency=c, duration=d,
-        prompt_len=args.prompt_len, output_len=args.output_len, seed=args.seed + c,
+        url, args.soak_model, num_prompts=1_000_000, max_concurrency=c, duration=d,
+        prompt_len=args.prompt_len, output_len=args.soak_output_len, seed=args.seed + c,
         progress=False)), c, d, "plain")
     soak["after"] = idle_check(url)
     out, kinds = asyncio.run(hostile_soak(url, args, c, d))
@@ -394,43 +417,103 @@ def run_soaks(url: str, args, server: ServerProcess | None) -> dict:
 
 
 def plot(result: dict, out: Path) -> None:
+    """One row per model: output tokens/s, and TTFT and TPOT p50/p99, against concurrency."""
     plt = viz.script_pyplot()
     if plt is None:
         return
-    rows = result["levels"]
-    c = [r["concurrency"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    axes[0].plot(c, [r["output_throughput"] for r in rows], "o-", color="#2a7ab9")
-    axes[0].set_ylim(bottom=0)
-    axes[0].set_title("output tokens/s (higher is better)")
-    for key, color in (("ttft", "#c9a227"), ("tpot", "#2a7ab9")):
-        for stat, style in (("median", "o-"), ("p99", "s--")):
-            ys = [r[f"{stat}_{key}_ms"] for r in rows]
-            axes[1].plot(c, [float("nan") if y is None else y for y in ys], style, color=color,
-                         label=f"{key.upper()} {'p50' if stat == 'median' else stat}")
-    axes[1].set_ylim(bottom=0)
-    axes[1].set_title("latency, ms (lower is better)")
-    axes[1].legend(fontsize=8)
-    for ax in axes:
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(c, [str(x) for x in c])
-        ax.set_xlabel("concurrent streaming clients")
+    sweeps = [sw for sw in result["models"] if sw["levels"]]
+    fig, grid = plt.subplots(len(sweeps), 2, figsize=(10, 3.8 * len(sweeps)), squeeze=False)
+    for axes, sw in zip(grid, sweeps, strict=True):
+        rows = sw["levels"]
+        c = [r["concurrency"] for r in rows]
+        axes[0].plot(c, [r["output_throughput"] for r in rows], "o-", color="#2a7ab9")
+        axes[0].set_ylim(bottom=0)
+        ratio = sw["c8_over_c1_output_throughput"]
+        axes[0].set_title(f"{sw['model']}: output tokens/s (higher is better)"
+                          + (f"\nc=8 / c=1 {ratio:.2f}x (means of alternating runs)" if ratio else ""),
+                          fontsize=9)
+        for key, color in (("ttft", "#c9a227"), ("tpot", "#2a7ab9")):
+            for stat, style in (("median", "o-"), ("p99", "s--")):
+                ys = [r[f"{stat}_{key}_ms"] for r in rows]
+                axes[1].plot(c, [float("nan") if y is None else y for y in ys], style, color=color,
+                             label=f"{key.upper()} {'p50' if stat == 'median' else stat}")
+        axes[1].set_ylim(bottom=0)
+        axes[1].set_title(f"{sw['model']}: latency, ms (lower is better)\nprompt {sw['prompt_len']} "
+                          f"words, output {sw['output_len']} tokens", fontsize=9)
+        axes[1].legend(fontsize=8)
+        for ax in axes:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(c, [str(x) for x in c])
+            ax.set_xlabel("concurrent streaming clients")
     s = result["settings"]
-    fig.suptitle(f"{s['model']} server, {s['threads']} thread(s), prompt {s['prompt_len']} / output "
-                 f"{s['output_len']} tokens ({result['machine']})", fontsize=9)
+    fig.suptitle(f"course_lib serve, {s['threads']} server thread(s), {s['duration']:g} s per level "
+                 f"({result['machine']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     print(f"wrote {out}")
 
 
+def run_sweep(sweep: dict, args, start_server) -> dict:
+    """One model's concurrency sweep and its 8-vs-1 ratio, on its own server."""
+    model, levels = sweep["model"], sweep["concurrency"]
+    print(f"\n=== {model}: concurrency {levels}, {args.duration:g} s per level"
+          + (f", at most {sweep['max_requests']} requests per level" if sweep["max_requests"] else "")
+          + (f" (cut: {sweep['cut']}, above the requests per level)" if sweep["cut"] else "")
+          + f"; prompts of {sweep['prompt_len']} words, {sweep['output_len']} output tokens", flush=True)
+    start = time.perf_counter()
+    server, rows, repeats = None, [], []
+    try:
+        url, server = start_server(model, args.max_queue)
+        print(f"{'conc':>5} {'issued':>7} {'done':>7} {'failed':>6} {'req/s':>7} {'out tok/s':>9} "
+              f"{'TTFTp50':>8} {'TTFTp99':>8} {'TPOTp50':>8} {'TPOTp99':>8}  (ms)", flush=True)
+        rows = [run_level(url, args, sweep, c, args.duration) for c in levels]
+        # The ratio compares runs a minute apart, and this VM's speed drifts by up to ~30% over
+        # minutes: measure concurrency 1 and 8 again, alternating, and compare the means.
+        if 1 in levels and 8 in levels:
+            repeats = [run_level(url, args, sweep, c, args.duration)
+                       for _ in range(args.ratio_repeats) for c in (1, 8)]
+    finally:
+        if server is not None:
+            server.stop()
+    by_c = {r["concurrency"]: r for r in rows}
+    ratio, passed = None, False
+    if 1 in by_c and 8 in by_c:
+        runs = {c: [r["output_throughput"] for r in [by_c[c], *repeats] if r["concurrency"] == c]
+                for c in (1, 8)}
+        mean = {c: statistics.mean(v) for c, v in runs.items()}
+        ratio = mean[8] / mean[1]
+        passed = ratio >= TARGET_RATIO
+        line = (f"[{'PASS' if passed else 'FAIL'}] {model}: output tokens/s at concurrency 8 / at 1 = "
+                f"{mean[8]:.1f} / {mean[1]:.1f} = {ratio:.2f}x (target >= {TARGET_RATIO:g}x; means "
+                f"of {len(runs[1])} runs each, alternating: c=1 {[round(x, 1) for x in runs[1]]}, "
+                f"c=8 {[round(x, 1) for x in runs[8]]})")
+    else:
+        line = (f"[FAIL] {model}: concurrency 1 and 8 must both be swept (in --concurrency and "
+                f"within --max-requests) to measure the ratio")
+    print(line, flush=True)
+    seconds = time.perf_counter() - start
+    print(f"{model}: sweep {seconds:.0f} s", flush=True)
+    return {"levels": rows, "ratio_repeats": repeats, "c8_over_c1_output_throughput": ratio,
+            "scaling_passed": passed, "scaling_line": line, "seconds": round(seconds, 1)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--models", nargs="+", default=["smollm2-135m", "tiny"],
+                        help="models swept, each on its own server; the first is the headline "
+                             "(default: %(default)s)")
+    parser.add_argument("--soak-model", default="tiny", help="the soaks' server model")
+    parser.add_argument("--soaks-from", type=Path, default=None,
+                        help="with --only sweep: copy the soaks from this earlier full result "
+                             "(recorded as such) and write a full result (serve-<machine>.json)")
     parser.add_argument("--only", choices=("sweep", "soak"), default=None,
                         help="run only the sweep (and 8-vs-1 ratio) or only the soaks; the result "
                              "goes to results/serve_{sweep,soak}-<machine>.json")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32],
+                        help="levels (a level above a model's --max-requests is cut)")
+    parser.add_argument("--max-requests", type=int, default=None,
+                        help="requests per level at most (default: per model, see SWEEPS)")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per level")
     parser.add_argument("--ratio-repeats", type=int, default=2,
                         help="extra alternating runs at concurrency 1 and 8 for the ratio")
@@ -443,7 +526,9 @@ def main() -> int:
     parser.add_argument("--hostile-pause", type=float, default=0.05,
                         help="seconds a hostile client waits between requests")
     parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--output-len", type=int, default=None,
+                        help=f"output tokens (default: per model in the sweep, see SWEEPS; "
+                             f"{SOAK_OUTPUT_LEN} in the soaks)")
     parser.add_argument("--threads", type=int, default=1, help="server's OMP_NUM_THREADS")
     parser.add_argument("--max-queue", type=int, default=256, help="--max-queue of the sweep's server")
     parser.add_argument("--server-arg", action="append", default=[],
@@ -460,17 +545,32 @@ def main() -> int:
         args.concurrency, args.duration, args.soak_duration = [1, 2, 4, 8], 3.0, 10.0
         args.ratio_repeats = 1
         args.soak_concurrency = min(args.soak_concurrency, 32)
-    levels = sorted(set(args.concurrency))
+    if args.soaks_from is not None and args.only != "sweep":
+        parser.error("--soaks-from goes with --only sweep")
+    args.soak_output_len = args.output_len or SOAK_OUTPUT_LEN
+    if args.url:
+        args.models = args.models[:1]  # the model the running server serves
+    sweeps = []
+    for model in args.models:
+        sweep = {"model": model, "prompt_len": args.prompt_len, **SWEEPS.get(model, SWEEPS["tiny"])}
+        if args.output_len is not None:
+            sweep["output_len"] = args.output_len
+        if args.max_requests is not None:
+            sweep["max_requests"] = args.max_requests
+        cap = sweep["max_requests"]
+        sweep["concurrency"] = sorted(c for c in set(args.concurrency) if cap is None or c <= cap)
+        sweep["cut"] = sorted(c for c in set(args.concurrency) if cap is not None and c > cap)
+        sweeps.append(sweep)
     if args.url:
         try:
             check_loopback(args.url)
         except ValueError as exc:
             parser.error(str(exc))
 
-    def start_server(max_queue: int) -> tuple[str, ServerProcess | None]:
+    def start_server(model: str, max_queue: int) -> tuple[str, ServerProcess | None]:
         if args.url:
             return args.url, None
-        server = ServerProcess("--model", args.model, "--max-queue", str(max_queue),
+        server = ServerProcess("--model", model, "--max-queue", str(max_queue),
                                *args.server_arg, threads=args.threads,
                                startup_timeout=args.startup_timeout)
         print(f"starting: OMP_NUM_THREADS={args.threads} course_lib serve {' '.join(server.args)}",
@@ -480,37 +580,31 @@ def main() -> int:
         except (RuntimeError, TimeoutError) as exc:
             raise SystemExit(f"error: {exc}") from None
         print(f"server at {url}; warming up ...", flush=True)
-        asyncio.run(run_load(url, args.model, num_prompts=4, max_concurrency=4, prompt_len=8,
+        asyncio.run(run_load(url, model, num_prompts=4, max_concurrency=4, prompt_len=8,
                              output_len=8, progress=False))
         return url, server
 
-    rows, repeats = [], []
     if args.only != "soak":
-        server = None
-        try:
-            url, server = start_server(args.max_queue)
-            print(f"{'conc':>5} {'issued':>7} {'done':>7} {'failed':>6} {'req/s':>7} {'out tok/s':>9} "
-                  f"{'TTFTp50':>8} {'TTFTp99':>8} {'TPOTp50':>8} {'TPOTp99':>8}  (ms)", flush=True)
-            rows = [run_level(url, args, c, args.duration) for c in levels]
-            # The ratio compares runs a minute apart, and this VM's speed drifts by up to ~30% over
-            # minutes: measure concurrency 1 and 8 again, alternating, and compare the means.
-            repeats = [run_level(url, args, c, args.duration)
-                       for _ in range(args.ratio_repeats) for c in (1, 8)] if 1 in levels and 8 in levels else []
-        finally:
-            if server is not None:
-                server.stop()
+        for sweep in sweeps:
+            sweep.update(run_sweep(sweep, args, start_server))
     soaks = None
+    if args.soaks_from is not None:
+        earlier = json.loads(args.soaks_from.read_text())
+        if not earlier.get("soak"):
+            raise SystemExit(f"--soaks-from {args.soaks_from}: no soak results in it")
+        soaks = {"soak": earlier["soak"], "hostile_soak": earlier["hostile_soak"],
+                 **(earlier.get("soak_server") or {})}
+        print(f"soaks: not run; copied from {args.soaks_from} (an earlier run)", flush=True)
     if args.only != "sweep":
         server = None
         try:  # its own server, with a small waiting queue: most clients are turned away
-            url, server = start_server(args.soak_max_queue)
+            url, server = start_server(args.soak_model, args.soak_max_queue)
             soaks = run_soaks(url, args, server)
         finally:
             if server is not None:
                 soaks_exit = server.stop()
                 if soaks is not None:
                     soaks["server_exit_code"] = soaks_exit
-    by_c = {r["concurrency"]: r for r in rows}
 
     checks = {}
     if soaks is not None:
@@ -540,21 +634,13 @@ def main() -> int:
               + "".join(f"\n       error: {e}" for e in hostile["errors"]))
         for line in soaks["server_log_problems"]:
             print(f"       server log: {line}")
-    ratio = None
     if args.only != "soak":
-        if 1 in by_c and 8 in by_c:
-            runs = {c: [r["output_throughput"] for r in [by_c[c], *repeats] if r["concurrency"] == c]
-                    for c in (1, 8)}
-            mean = {c: statistics.mean(v) for c, v in runs.items()}
-            ratio = mean[8] / mean[1]
-            checks["scaling"] = ratio >= TARGET_RATIO
-            print(f"[{'PASS' if checks['scaling'] else 'FAIL'}] output tokens/s at concurrency 8 / at 1 = "
-                  f"{mean[8]:.1f} / {mean[1]:.1f} = {ratio:.2f}x (target >= {TARGET_RATIO:g}x; means "
-                  f"of {len(runs[1])} runs each, alternating: c=1 {[round(x, 1) for x in runs[1]]}, "
-                  f"c=8 {[round(x, 1) for x in runs[8]]})")
-        else:
-            checks["scaling"] = False
-            print("[FAIL] concurrency 1 and 8 must both be in --concurrency to measure the ratio")
+        for sweep in sweeps:
+            checks[f"scaling_{sweep['model']}"] = sweep["scaling_passed"]
+            print(sweep["scaling_line"])
+        for sweep in sweeps:
+            del sweep["scaling_line"]
+    headline = sweeps[0] if args.only != "soak" else {}
 
     result = {
         "benchmark": "serve",
@@ -565,9 +651,16 @@ def main() -> int:
                   f"tokens/s at concurrency 8 >= {TARGET_RATIO:g}x at 1"),
         "machine": runtime.machine_description(), "device": str(runtime.get_device()),
         "settings": {**vars(args), "out": str(args.out) if args.out else None,
+                     "soaks_from": str(args.soaks_from) if args.soaks_from else None,
                      "server": None if args.url else "python -m course_lib serve"},
-        "levels": rows, "ratio_repeats": repeats, "c8_over_c1_output_throughput": ratio,
-        "scaling_passed": checks.get("scaling"),
+        # the headline model's sweep at the top level too (what older readers expect)
+        "headline_model": headline.get("model"), "levels": headline.get("levels", []),
+        "ratio_repeats": headline.get("ratio_repeats", []),
+        "c8_over_c1_output_throughput": headline.get("c8_over_c1_output_throughput"),
+        "scaling_passed": headline.get("scaling_passed"),
+        "models": sweeps if args.only != "soak" else [],
+        "soaks_from": (f"{args.soaks_from.name}: not run here, copied from an earlier run"
+                       if args.soaks_from else None),
         "soak": soaks and soaks["soak"], "hostile_soak": soaks and soaks["hostile_soak"],
         "soak_server": soaks and {k: soaks.get(k) for k in ("server_alive", "server_exit_code",
                                                              "server_log_problems")},
@@ -576,9 +669,9 @@ def main() -> int:
     }
     # a partial run goes beside the full result (serve_soak-<machine>.json: not a "serve"
     # result the summary reads), never over it
-    out = runtime.write_result("serve" if args.only is None else f"serve_{args.only}", result,
-                               RESULTS, args.out)
-    if rows:
+    full = args.only is None or args.soaks_from is not None
+    out = runtime.write_result("serve" if full else f"serve_{args.only}", result, RESULTS, args.out)
+    if any(sw.get("levels") for sw in result["models"]):
         plot(result, out.with_suffix(".png"))
     return 0 if result["target_met"] or args.no_fail else 1
 

@@ -132,25 +132,34 @@ def speculative(d: dict) -> list[Row]:
 
 
 def engine(d: dict) -> list[Row]:
+    """Rows per model section (``models``: the headline model first); a result from before
+    sections (one model, at the top level) is one section."""
+    if "models" not in d:
+        return _engine_section(d, d["settings"], d.get("model"))
+    return [row for sec in d["models"] for row in _engine_section(sec, {**d["settings"], **sec["workload"]},
+                                                                  sec["model"])]
+
+
+def _engine_section(d: dict, s: dict, model: str | None) -> list[Row]:
     sys_ = {s["system"]: s for s in d["systems"]}
     eng, static = sys_["engine"], sys_["static"]
-    s = d["settings"]
+    name = f"{model}: " if model else ""
     work = (f"{s['requests']} requests, prompts {s['prompt_len'][0]}..{s['prompt_len'][1]}, outputs "
             f"{s['output_len'][0]}..{s['output_len'][1]}, B = {s['batch_size']}")
     tput = eng["output_tokens_per_s"] / static["output_tokens_per_s"]
     p99 = static["p99_e2e_s"] / eng["p99_e2e_s"]
     rows = [
-        Row("", f"continuous batching (LLMEngine, paged KV) vs static batching: output tok/s ({work}, "
+        Row("", f"{name}continuous batching (LLMEngine, paged KV) vs static batching: output tok/s ({work}, "
                 f"same KV memory)",
             f"engine {eng['output_tokens_per_s']:.1f} tok/s",
             f"static {static['output_tokens_per_s']:.1f} tok/s", _x(tput), ">= 2x", tput >= 2.0,
             measured_value=eng["output_tokens_per_s"], baseline_value=static["output_tokens_per_s"],
             ratio_value=tput, note=f"greedy outputs identical for {d.get('same_greedy_outputs')} requests"),
-        Row("", "continuous vs static batching: p99 request latency (static / engine)",
+        Row("", f"{name}continuous vs static batching: p99 request latency (static / engine)",
             f"engine {eng['p99_e2e_s']:.2f} s", f"static {static['p99_e2e_s']:.2f} s", _x(p99),
             "> 1x (lower p99)", p99 > 1.0, measured_value=eng["p99_e2e_s"],
             baseline_value=static["p99_e2e_s"], ratio_value=p99),
-        Row("", "KV bytes reserved but holding no token during the run: engine (paged) vs static",
+        Row("", f"{name}KV bytes reserved but holding no token during the run: engine (paged) vs static",
             f"engine {_pct(eng['kv_waste'])}", f"static {_pct(static['kv_waste'])}",
             _x(static["kv_waste"] / eng["kv_waste"]) + " less" if eng["kv_waste"] else "",
             measured_value=eng["kv_waste"], baseline_value=static["kv_waste"],
@@ -158,8 +167,8 @@ def engine(d: dict) -> list[Row]:
     ]
     if "hf" in sys_:
         r = eng["output_tokens_per_s"] / sys_["hf"]["output_tokens_per_s"]
-        rows.insert(1, Row("", "continuous batching (LLMEngine) vs HF generate on static batches: "
-                               "output tok/s",
+        rows.insert(1, Row("", f"{name}continuous batching (LLMEngine) vs HF generate on static "
+                               "batches: output tok/s",
                            f"engine {eng['output_tokens_per_s']:.1f} tok/s",
                            f"HF generate {sys_['hf']['output_tokens_per_s']:.1f} tok/s", _x(r),
                            measured_value=eng["output_tokens_per_s"],
@@ -169,14 +178,14 @@ def engine(d: dict) -> list[Row]:
         waste_ratio = m["contiguous_waste"] / m["paged_waste"] if m["paged_waste"] else None
         seq_ratio = m["paged_sequences"] / m["contiguous_sequences"] if m["contiguous_sequences"] else None
         rows.append(Row(
-            "", f"paged vs contiguous KV cache: share of reserved slots unused ({m['budget_tokens']}-slot "
+            "", f"{name}paged vs contiguous KV cache: share of reserved slots unused ({m['budget_tokens']}-slot "
                 f"budget, blocks of {m['block_size']} vs max length {m['max_len']})",
             f"paged {_pct(m['paged_waste'])}", f"contiguous {_pct(m['contiguous_waste'])}",
             (_x(waste_ratio) + " less") if waste_ratio else "", "paged < 4% (vLLM: < 4% vs 60-80%)",
             m["paged_waste"] < 0.04, measured_value=m["paged_waste"],
             baseline_value=m["contiguous_waste"], ratio_value=waste_ratio))
         rows.append(Row(
-            "", f"paged vs contiguous KV cache: sequences admitted in {m['budget_tokens']} slots",
+            "", f"{name}paged vs contiguous KV cache: sequences admitted in {m['budget_tokens']} slots",
             f"paged {m['paged_sequences']}{'+' if m.get('paged_admits_all') else ''}",
             f"contiguous {m['contiguous_sequences']}", _x(seq_ratio) if seq_ratio else "",
             measured_value=m["paged_sequences"], baseline_value=m["contiguous_sequences"],
@@ -218,6 +227,7 @@ def quant_quality(d: dict) -> list[Row]:
 
 
 def _serve_means(d: dict) -> dict[int, list[float]]:
+    """Output tok/s of every run at concurrency 1 and 8 (sweep and alternating repeats)."""
     runs: dict[int, list[float]] = {1: [], 8: []}
     for r in [*d["levels"], *d.get("ratio_repeats", [])]:
         if r["concurrency"] in runs:
@@ -226,13 +236,22 @@ def _serve_means(d: dict) -> dict[int, list[float]]:
 
 
 def serve(d: dict) -> list[Row]:
+    """The 8-vs-1 rows per model section (``models``: the headline model first; a result from
+    before sections has one sweep at the top level), then the soaks."""
     s = d["settings"]
+    sweeps = d.get("models") or ([{**d, "model": s.get("model"), "output_len": s.get("output_len")}]
+                                 if d.get("levels") else [])
+    rows = [row for sw in sweeps if sw.get("levels") for row in _serve_sweep(sw, s)]
+    return rows + _serve_soaks(d, s)
+
+
+def _serve_sweep(d: dict, s: dict) -> list[Row]:
     rows = []
     runs = _serve_means(d)
     if runs[1] and runs[8]:
         c1, c8 = statistics.mean(runs[1]), statistics.mean(runs[8])
-        rows.append(Row("", f"server output tok/s at 8 concurrent streaming clients vs 1 ({s['model']}, "
-                            f"{s['threads']} server thread(s), {s['output_len']} output tokens)",
+        rows.append(Row("", f"server output tok/s at 8 concurrent streaming clients vs 1 ({d['model']}, "
+                            f"{s['threads']} server thread(s), {d['output_len']} output tokens)",
                         f"c=8 {c8:.1f} tok/s", f"c=1 {c1:.1f} tok/s", _x(c8 / c1), ">= 3x",
                         c8 / c1 >= 3.0, measured_value=c8, baseline_value=c1, ratio_value=c8 / c1,
                         note=f"means of {len(runs[1])} and {len(runs[8])} alternating runs"))
@@ -240,11 +259,17 @@ def serve(d: dict) -> list[Row]:
     top = max(levels)
     if 1 in levels and top not in (1, 8):  # (8 vs 1 is the row above)
         r = levels[top]["output_throughput"] / levels[1]["output_throughput"]
-        rows.append(Row("", f"server output tok/s at {top} concurrent clients vs 1 (sweep)",
+        rows.append(Row("", f"server output tok/s at {top} concurrent clients vs 1 ({d['model']}, sweep)",
                         f"c={top} {levels[top]['output_throughput']:.1f} tok/s",
                         f"c=1 {levels[1]['output_throughput']:.1f} tok/s", _x(r),
                         measured_value=levels[top]["output_throughput"],
                         baseline_value=levels[1]["output_throughput"], ratio_value=r))
+    return rows
+
+
+def _serve_soaks(d: dict, s: dict) -> list[Row]:
+    rows = []
+    earlier = f"; not re-run: {d['soaks_from']}" if d.get("soaks_from") else ""
     for key, kind in (("soak", "plain"), ("hostile_soak", "with hostile clients mixed in")):
         soak = d.get(key)
         if soak:
@@ -255,7 +280,8 @@ def serve(d: dict) -> list[Row]:
                             f"{soak['completed']}/{soak['issued']} completed, {soak['failed']} "
                             f"failed, {soak.get('rejected', 0)} rejected (503 + Retry-After)", "", "",
                             f"0 failed, only 503 + Retry-After refusals{hostile}",
-                            bool(d.get(f"{key}_passed")), measured_value=soak["failed"]))
+                            bool(d.get(f"{key}_passed")), measured_value=soak["failed"],
+                            note=f"{s.get('soak_model', 'tiny')} server{earlier}"))
     return rows
 
 

@@ -171,7 +171,7 @@ def test_ratios_come_with_their_baselines(tmp_path):
     # serve: the means of the sweep's run and the alternating repeats, as serve.py computes them
     r = by_claim(rows, "serve", "server output tok/s at 8 concurrent streaming clients vs 1")
     assert (r.measured, r.baseline, r.ratio, r.met) == ("c=8 250.0 tok/s", "c=1 65.0 tok/s", "3.85x", True)
-    r = by_claim(rows, "serve", "server output tok/s at 32 concurrent clients vs 1 (sweep)")
+    r = by_claim(rows, "serve", "server output tok/s at 32 concurrent clients vs 1 (tiny, sweep)")
     assert (r.measured, r.baseline, r.ratio, r.met) == ("c=32 350.0 tok/s", "c=1 70.0 tok/s", "5.00x", None)
     r = by_claim(rows, "serve", "server soak, plain: 128 concurrent streaming clients for 60 s, --max-queue 8")
     assert r.measured == "535/5349 completed, 0 failed, 4814 rejected (503 + Retry-After)" and r.met is True
@@ -274,6 +274,41 @@ def test_written_files(tmp_path):
     assert list(payload["runs"]) == ["engine", "serve"]
     assert "serve" not in payload["not_run"]
     assert "| serve | (defaults) | 5 s | 1 |" in md_path.read_text()
+
+
+def test_one_section_per_model(tmp_path):
+    """engine.py and serve.py write one section per model (the headline model first, copied to
+    the top level): the summary has each model's rows, named, headline first."""
+    small, tiny = engine_result(80.0, 30.0, hf=False), engine_result()
+    sections = [{**sec, "model": name, "workload": {**sec["settings"], "requests": n}}
+                for sec, name, n in ((small, "smollm2-135m", 16), (tiny, "tiny", 64))]
+    for sec in sections:
+        del sec["settings"]
+    write(tmp_path, "engine", {**small, "model": "smollm2-135m", "models": sections,
+                               "headline_model": "smollm2-135m"})
+    flat = serve_result()
+    sweeps = [{"model": "smollm2-135m", "output_len": 32, "levels": flat["levels"][:3],
+               "ratio_repeats": [], "c8_over_c1_output_throughput": 3.0},
+              {"model": "tiny", "output_len": 64, "levels": flat["levels"],
+               "ratio_repeats": flat["ratio_repeats"], "c8_over_c1_output_throughput": 3.85}]
+    write(tmp_path, "serve", {**flat, "models": sweeps, "soaks_from": "serve-x.json: not run here"})
+    rows, _ = summary.collect(tmp_path, SLUG)
+
+    engine_rows = [r for r in rows if r.benchmark == "engine" and "vs static batching: output" in r.claim]
+    assert [r.claim.split(":")[0] for r in engine_rows] == ["smollm2-135m", "tiny"]
+    assert "16 requests" in engine_rows[0].claim and engine_rows[0].ratio == "2.67x" and engine_rows[0].met
+    assert "64 requests" in engine_rows[1].claim and engine_rows[1].ratio == "1.84x"
+    r = by_claim(rows, "engine", "smollm2-135m: continuous vs static batching: p99")
+    assert r.met is True
+
+    r = by_claim(rows, "serve", "server output tok/s at 8 concurrent streaming clients vs 1 (smollm2-135m")
+    assert (r.measured, r.baseline, r.ratio) == ("c=8 240.0 tok/s", "c=1 70.0 tok/s", "3.43x")
+    assert "32 output tokens" in r.claim
+    r = by_claim(rows, "serve", "server output tok/s at 8 concurrent streaming clients vs 1 (tiny")
+    assert r.ratio == "3.85x"
+    assert by_claim(rows, "serve", "server output tok/s at 32 concurrent clients vs 1 (tiny").met is None
+    soak = by_claim(rows, "serve", "server soak, plain")
+    assert "not re-run" in soak.note
 
 
 def test_committed_results_are_readable():

@@ -1,13 +1,15 @@
 """Claim: speculative decoding is >= 1.5x faster than target-only greedy decoding, same output.
 
-On the default (target, draft) pair (the bundled tiny pair offline or in fast mode, GPT-2's
-family when the hub is reachable), greedy, batch 1, for code prompts (held-out Python stdlib
-sources) and English prompts (written below), measured in one run:
+On the pair ``course_lib.models.hub.speculative_pair()`` picks (SmolLM2-360M, or SmolLM2-1.7B
+on a GPU, drafted by SmolLM2-135M when the hub is reachable; the bundled tiny GPT-2 pair offline
+or in fast mode; ``--target`` / ``--draft`` for another pair with one tokenizer, e.g.
+``gpt2-xl`` / ``gpt2``), greedy, batch 1, for code prompts (held-out Python stdlib sources) and
+English prompts (written below), measured in one run:
 
 - target-only: a plain cached greedy loop over the target (the baseline);
 - ours: ``course_lib.generation.speculative.SpeculativeDecoder`` with k in {2, 3, 4, 5, 6, 8}
-  and both adaptive rules (the chapter's, HF's heuristic), on ``course_lib.models.gpt.GPT``
-  copies of the HF models (less per-call overhead), plus one row on the HF models themselves;
+  and both adaptive rules (the chapter's, HF's heuristic), on the course's copies of the HF
+  models (``GPT`` or ``Llama``: less per-call overhead), plus one row on the HF models themselves;
 - HF assisted generation: ``target.generate(..., assistant_model=draft, do_sample=False)`` with
   the installed transformers' default assistant settings, and HF's plain ``generate``.
 
@@ -17,7 +19,7 @@ and the speed-up the formula (1 - a^(k+1)) / ((1 - a)(k c + 1)) predicts from th
 alpha and cost ratio c. The claim: the best of ours reaches 1.5x with identical output and is at
 least as fast as HF assisted generation.
 
-    python benchmarks/speculative.py [--quick] [--new-tokens 64] [--repeats 3]
+    python benchmarks/speculative.py [--quick] [--new-tokens 64] [--repeats 3] [--target smollm2-1.7b]
 
 Writes ``benchmarks/results/speculative-<machine>.json``.
 """
@@ -44,8 +46,10 @@ from course_lib.generation.speculative import (
     measure_cost_ratio,
     measure_verify_cost,
 )
+from course_lib.models.families import as_course_model
 from course_lib.models.gpt import GPT
-from course_lib.models.hub import default_pair, load_pair
+from course_lib.models.hub import SMOLLM2, load_pair, speculative_pair
+from course_lib.models.llama import Llama
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -67,7 +71,7 @@ def code_prompts(tokenizer, count: int, length: int) -> list[str]:
 
 
 @torch.inference_mode()
-def target_greedy(model: GPT, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+def target_greedy(model: GPT | Llama, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """The baseline: one target forward per token with a contiguous KV cache, argmax."""
     cache = model.new_cache(1, prompt.shape[1] + new_tokens)
     out = [model(prompt, cache)[:, -1:].argmax(-1)]
@@ -91,8 +95,9 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=48, help="length of the code prompts")
     parser.add_argument("--prompts-per-type", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--target", default=None, help="default: course_lib.models.hub.default_pair()")
-    parser.add_argument("--draft", default=None)
+    parser.add_argument("--target", default=None,
+                        help="default: course_lib.models.hub.speculative_pair()'s (SmolLM2 by mode)")
+    parser.add_argument("--draft", default=None, help=f"default: {SMOLLM2}")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
     args = parser.parse_args()
@@ -106,10 +111,10 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     runtime.seed_everything(0)
     device = runtime.get_device()
-    names = default_pair()
-    hf_target, hf_draft, tokenizer = load_pair(args.target or names[0], args.draft or names[1],
-                                               device=device)
-    target, draft = GPT.from_hf(hf_target), GPT.from_hf(hf_draft)
+    choice = speculative_pair(args.target, args.draft or SMOLLM2)
+    print(f"pair {choice.target} / {choice.draft}: {choice.reason}")
+    hf_target, hf_draft, tokenizer = load_pair(choice.target, choice.draft, device=device)
+    target, draft = as_course_model(hf_target), as_course_model(hf_draft)
     pair = f"{hf_target.course_name} / {hf_draft.course_name}"
     N, R = args.new_tokens, args.repeats
     n_eng = min(args.prompts_per_type, len(ENGLISH_PROMPTS))
@@ -134,7 +139,7 @@ def main() -> None:
             return hf_target.generate(p, generation_config=gen_config, **kwargs)[:, p.shape[1]:], None
         return run
 
-    methods = {"target-only (course GPT)": (lambda p: (target_greedy(target, p, N), None), None)}
+    methods = {"target-only (course model)": (lambda p: (target_greedy(target, p, N), None), None)}
     for k in FIXED_KS:
         methods[f"ours k={k}"] = (ours(SpeculativeDecoder(target, draft, k=k)), k)
     methods["ours chapter-adaptive (k0=4)"] = (ours(SpeculativeDecoder(target, draft, 4, "chapter")), None)
@@ -216,7 +221,7 @@ def main() -> None:
     hf_assisted = next(r for r in rows if r["method"] == "HF assisted generate")
     identical = all(not r["mismatched_prompts"] for r in rows if r["method"].startswith("ours"))
 
-    print(f"cost ratio c (draft step / target step): {c:.3f} course GPT, {c_hf:.3f} HF models")
+    print(f"cost ratio c (draft step / target step): {c:.3f} course models, {c_hf:.3f} HF models")
     print("verification pass of k + 1 tokens, in target decode steps (the formula assumes 1): "
           + ", ".join(f"k={k} {v:.2f}" for k, v in verify.items()))
     print("expected: the formula with measured alpha and c; expected(v): with the measured "
@@ -251,7 +256,8 @@ def main() -> None:
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
         "pair": pair,
-        "ours_runs_on": "course_lib.models.gpt.GPT copies of the HF models (one row on the HF models)",
+        "pair_reason": choice.reason,
+        "ours_runs_on": f"course_lib {type(target).__name__} copies of the HF models (one row on the HF models)",
         "settings": {**vars(args), "out": str(args.out) if args.out else None},
         "prompts": texts,
         "cost_ratio_course_gpt": c,

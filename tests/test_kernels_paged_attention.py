@@ -261,6 +261,9 @@ def test_gqa_heads_that_do_not_divide_are_refused():
         paged_decode_attention(q5, *args(p)[1:])
     with pytest.raises(ValueError, match="Hkv dividing q's H = 5"):
         paged_prefill_attention(q5, p["k_cache"], p["v_cache"], p["block_tables"], [3, 9], [1, 1])
+    empty = p["k_cache"][:, :, :0]  # no KV head at all
+    with pytest.raises(ValueError, match="Hkv dividing q's H = 4"):
+        paged_decode_attention(p["q"], empty, empty, p["block_tables"], p["context_lens"])
     with pytest.raises(ValueError, match=r"key must be \[N, Hkv, D\] = \[N, 2, 16\]"):
         store_kv(q5[:, :4], q5[:, :4], p["k_cache"], p["v_cache"], torch.tensor([0, 1]))
 
@@ -379,8 +382,9 @@ def test_store_and_prefill_bad_inputs_raise_clear_errors():
 def test_kernel_matches_twin_on_the_device(dtype, block_size):
     device = get_device()
     contexts = CONTEXTS + [513, 2000]
-    for H, D in [(2, 16), (12, 64), (4, 128)]:
-        p = make_paged(contexts, H, D, block_size, dtype=dtype, seed=block_size, device=device)
+    # (H, Hkv, D): MHA shapes, SmolLM2's 9/3 heads of 64, a group of 4 and of 8 at head_dim 128
+    for H, Hkv, D in [(2, 2, 16), (12, 12, 64), (9, 3, 64), (8, 2, 128), (16, 2, 128)]:
+        p = make_paged(contexts, H, D, block_size, dtype=dtype, seed=block_size, device=device, Hkv=Hkv)
         want = paged_decode_attention_reference(*args(p))
         assert_close(want, contiguous_decode(p), dtype)
         for splits in (None, 1, 2, 7, 40):

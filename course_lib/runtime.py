@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-TRITON_MODES = ("native", "interpret", "torch")
+TRITON_MODES = ("native", "interpret", "torch", "compile")
 COURSE_MODES = ("fast", "cpu", "full")
 HUB_URL = "https://huggingface.co"
 
@@ -106,9 +106,18 @@ def has_cuda() -> bool:
     return get_device().type == "cuda"
 
 
+#: Set to 1 in :mod:`course_lib.kernels.aot`'s worker: kernels are compiled, never run.
+COMPILE_ONLY_ENV = "COURSE_TRITON_COMPILE"
+
+
 @lru_cache(maxsize=1)
 def triton_mode() -> str:
     """How Triton kernels run here: "native" (CUDA), "interpret" (CPU interpreter) or "torch".
+
+    A fourth mode, "compile", is chosen only by ``COURSE_TRITON_COMPILE=1`` (set by
+    :mod:`course_lib.kernels.aot` in its own worker process): the kernels are decorated for
+    Triton's real compiler, with or without a GPU, and launches are captured and compiled ahead
+    of time for NVIDIA targets instead of being run.
 
     "torch" means Triton is not installed (e.g. macOS or Windows): every kernel has a torch
     reference twin and the launchers call it instead. In "interpret" mode this function sets
@@ -120,6 +129,9 @@ def triton_mode() -> str:
     """
     if importlib.util.find_spec("triton") is None:
         return "torch"
+    if _env_flag(COMPILE_ONLY_ENV):
+        os.environ.pop("TRITON_INTERPRET", None)
+        return "compile"
     if has_cuda():
         return "interpret" if _env_flag("TRITON_INTERPRET") else "native"
     os.environ["TRITON_INTERPRET"] = "1"

@@ -158,7 +158,14 @@ def _gemv_config(M: int, group_size: int) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
 
 
-def _tiled_config(M: int, group_size: int) -> dict:
+def _tiled_config(M: int, group_size: int, dot_fp32: bool = False) -> dict:
+    """Tiles for the ``tl.dot`` path. A float32 (IEEE) dot runs on FMA units, not tensor cores,
+    and holds its operands in registers: tiles of more than about 512 products per thread spill
+    (``python -m course_lib.kernels.aot`` measured it), hence the smaller float32 tiles."""
+    if dot_fp32:
+        block_k = _largest_pow2_dividing(group_size, 32)
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=block_k, num_warps=4) if M <= 32 else \
+            dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, num_warps=8)
     block_k = _largest_pow2_dividing(group_size, 64)
     if M <= 64:
         return dict(BLOCK_M=32 if M <= 32 else 64, BLOCK_N=64, BLOCK_K=block_k, num_warps=4)
@@ -244,12 +251,13 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     bias_arg = bias if bias is not None else scales  # never read when HAS_BIAS is False
 
     if path == "tiled":
-        cfg = _tiled_config(M, group_size)
+        dot_fp32 = x.dtype == torch.float32 or bf16_workaround
+        cfg = _tiled_config(M, group_size, dot_fp32)
         out = torch.empty(M, N, device=x.device, dtype=final_dtype)
         grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
         _w4a16_tiled_kernel[grid](x2, qweight, scales, zeros, bias_arg, out, M, N, K, num_groups,
                                   GROUP_SIZE=group_size, HAS_BIAS=bias is not None,
-                                  DOT_FP32=x.dtype == torch.float32 or bf16_workaround, **cfg)
+                                  DOT_FP32=dot_fp32, **cfg)
         return out.to(x.dtype).reshape(*lead, N)
 
     cfg = _gemv_config(M, group_size)

@@ -73,8 +73,15 @@ def _w8a16_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, K_PER_SPL
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def _config(M: int) -> dict:
-    """Fixed tile sizes (not autotuned): a 16-row tile for decode, bigger tiles for prefill."""
+def _config(M: int, dot_fp32: bool = False) -> dict:
+    """Fixed tile sizes (not autotuned): a 16-row tile for decode, bigger tiles for prefill.
+
+    A float32 (IEEE) dot runs on FMA units with its operands in registers: the tensor-core
+    tiles would spill (``python -m course_lib.kernels.aot`` measured it), so float32 gets
+    tiles of at most about 512 products per thread."""
+    if dot_fp32:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, num_warps=4) if M <= 16 else \
+            dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8)
     if M <= 16:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4)
     if M <= 64:
@@ -127,14 +134,15 @@ def w8a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if M == 0 or N == 0:
         return torch.zeros(*lead, N, dtype=x.dtype, device=x.device)
 
-    cfg = _config(M)
+    bf16_workaround = interpreter_bf16_workaround(x.dtype)
+    dot_fp32 = x.dtype == torch.float32 or bf16_workaround
+    cfg = _config(M, dot_fp32)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     k_tiles = triton.cdiv(K, bk)
     output_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     split = split_k or pick_split_k(output_tiles, k_tiles, x.device)
     tiles_per_split = triton.cdiv(k_tiles, min(split, k_tiles))
     split = triton.cdiv(k_tiles, tiles_per_split)  # no empty splits
-    bf16_workaround = interpreter_bf16_workaround(x.dtype)
     if split == 1:
         out = torch.empty(M, N, device=x.device,
                           dtype=torch.float32 if bf16_workaround else x.dtype)
@@ -144,7 +152,7 @@ def w8a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn), split)
     _w8a16_kernel[grid](x2, qweight, scales, bias if bias is not None else scales, out, M, N, K,
                         tiles_per_split * bk, HAS_BIAS=bias is not None and split == 1,
-                        DOT_FP32=x.dtype == torch.float32 or bf16_workaround, **cfg)
+                        DOT_FP32=dot_fp32, **cfg)
     if split > 1:
         out = out.sum(dim=0)
         if bias is not None:

@@ -41,7 +41,7 @@ $(TEST_TARGETS): export MPLBACKEND = Agg
 
 NOTEBOOK_FILES = $(wildcard notebooks/*.ipynb solutions/*.ipynb)
 
-.PHONY: help setup lab test lint pytest exercises check-exercises nbval test-gpu bench bench-gpu serve \
+.PHONY: help setup lab test lint pytest exercises check-exercises nbval test-gpu bench bench-gpu gpu-check aot serve \
 	doctor book grade clean
 
 help: ## list the targets
@@ -144,6 +144,16 @@ bench: $(NB_STAMP) ## every CPU benchmark (~17 min on 2 cores), then results/<ma
 
 bench-gpu: $(NB_STAMP) ## the GPU kernel benchmarks (says so and runs nothing without CUDA)
 	$(BIN)/python benchmarks/run_all.py --gpu $(BENCH_ARGS)
+
+# The one command for a lent GPU: gpu-marked tests, bench-gpu and the two kernel lessons (02, 06)
+# at full size, each step time-limited (10 min in all); figures and a step report in
+# benchmarks/results/.  Stops at once, exit 2, without CUDA.
+gpu-check: $(DEV_STAMP) ## everything a GPU proves, in < 10 min: gpu tests, bench-gpu, notebooks 02/06 full size
+	$(BIN)/python benchmarks/gpu_check.py
+
+# GPU readiness without a GPU: compile every kernel configuration for sm_80 and sm_90 (also in pytest)
+aot: $(DEV_STAMP) ## compile every Triton kernel for sm_80/sm_90 on this machine; registers, spills, shared memory
+	$(BIN)/python -m course_lib.kernels.aot --jobs 2
 
 serve: $(NB_STAMP) ## OpenAI-compatible server on 127.0.0.1:8000 (e.g. make serve SERVE_ARGS="--model gpt2")
 	$(BIN)/python -m course_lib serve $(SERVE_ARGS)

@@ -44,6 +44,7 @@ from course_lib.grading.checks_gptq import (
     check_awq_scale_search,
     check_gptq_column_step,
 )
+from course_lib.grading.checks_kernels import check_int4_dequantize_kernel
 from course_lib.grading.checks_paged import (
     check_block_allocator,
     check_paged_attention,
@@ -72,6 +73,7 @@ __all__ = [
     "check_dequantize",
     "check_expected_speedup",
     "check_gptq_column_step",
+    "check_int4_dequantize_kernel",
     "check_int8_linear",
     "check_latency_metrics",
     "check_minmax_observer",
@@ -119,6 +121,8 @@ TASKS: dict[str, Task] = {
                                 check_conv1d_to_linear),
     "02.smooth_rmsnorm_group": Task("02_post_training_quantization", ("smooth_rmsnorm_group",),
                                     check_smooth_rmsnorm_group),
+    "02.int4_dequantize_kernel": Task("02_post_training_quantization", ("dequantize_int4",),
+                                      check_int4_dequantize_kernel),
     "03.accumulate_hessian": Task("03_gptq_awq", ("accumulate_hessian",), check_accumulate_hessian),
     "03.gptq_column_step": Task("03_gptq_awq", ("quantize_column_and_propagate",),
                                 check_gptq_column_step),

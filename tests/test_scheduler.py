@@ -123,3 +123,112 @@ def test_a_fork_mid_prefill_gets_a_copy_of_every_shared_block_or_preempts(num_bl
         assert out.preempted == [parent] and parent.block_table == []
         assert out.copies == [] and child.block_table == shared
     assert bm.num_free_blocks == num_blocks - len(set(parent.block_table) | set(child.block_table))
+
+
+def finish_done(sched: Scheduler) -> list[Sequence]:
+    """Finish (as the engine does) every running sequence that has all its max_tokens."""
+    done = [s for s in sched.running if s.num_output_tokens >= s.params.max_tokens]
+    for s in done:
+        s.finish("length")
+        sched.finish(s)
+    return done
+
+
+def test_no_new_prefill_is_admitted_in_a_step_that_preempted():
+    """The step that preempts admits nobody from the waiting queue, even with budget, a free seq
+    slot and free blocks: b, preempted, would fit again at once (its 2 prompt blocks are cached
+    in a's), and w behind it too. Admitting them would undo the preemption's relief: the
+    memory pressure that forced it is still there."""
+    bm = BlockManager(5, 4)  # 20 slots
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=32)
+    a, b = seq(8, 8, t=0), seq(8, 8, t=1)  # the same 8-token prompt
+    sched.add(a)
+    sched.add(b)
+    run_step(sched)  # both prompts in (2 private blocks each), one token each: 9 tokens
+    bm.mark_computed(a)  # a's 2 full blocks are published in the prefix cache (as the engine does)
+    bm.mark_computed(b)  # same hashes: a's blocks stay the cached ones
+    w = seq(3, 8, t=2)
+    sched.add(w)
+    assert bm.num_free_blocks == 1
+    out = run_step(sched)  # a takes the last block; b cannot grow, is the newest: preempts itself
+    assert out.preempted == [b]
+    assert bm.num_free_blocks == 2 and bm.can_allocate(b) and bm.can_allocate(w)
+    assert len(sched.running) < sched.max_num_seqs and out.num_batched_tokens < 32
+    assert [(s, n) for s, n in out.scheduled] == [(a, 1)]  # neither b nor w comes in
+    assert list(sched.waiting) == [b, w]
+    out = run_step(sched)  # the next step admits them: b first (2 blocks hit), then w
+    assert out.preempted == []
+    assert [(s, n) for s, n in out.scheduled] == [(a, 1), (b, 1), (w, 3)]
+    assert b.num_cached_tokens == 8 and not sched.waiting
+
+
+def test_a_preempted_sequence_goes_back_to_the_front_of_the_waiting_queue():
+    """x waits when new is preempted: new goes in front of x and is admitted before it,
+    although x, a 1-block prompt, fits in the block left free right away and new does not."""
+    bm = BlockManager(7, 4)  # 28 slots
+    sched = Scheduler(bm, max_num_seqs=3, max_num_batched_tokens=16)
+    old, mid, new = seq(4, 8, t=0), seq(4, 8, t=1), seq(8, 8, t=2)
+    for s in (old, mid, new):
+        sched.add(s)
+    x = seq(4, 2, t=3)
+    sched.add(x)
+    for _ in range(5):  # the budget goes to the prompts, then the first decodes fill the pool
+        out = run_step(sched)
+        assert x not in [s for s, _ in out.scheduled] and not out.preempted
+    out = run_step(sched)  # old and mid need a third block: new, the newest, is preempted
+    assert out.preempted == [new]
+    assert sched.waiting[0] is new and list(sched.waiting) == [new, x]
+    assert len(sched.running) < sched.max_num_seqs
+    assert bm.can_allocate(x) and not bm.can_allocate(new)
+    admitted = []
+    for _ in range(100):
+        if not sched.waiting:
+            break
+        before = list(sched.waiting)
+        out = run_step(sched)
+        admitted += [s for s, _ in out.scheduled if s in before]
+        finish_done(sched)
+    assert admitted == [new, x]
+
+
+def test_max_num_seqs_caps_the_running_set_with_token_budget_and_blocks_to_spare():
+    bm = BlockManager(64, 4)  # 256 slots
+    sched = Scheduler(bm, max_num_seqs=2, max_num_batched_tokens=256)
+    seqs = [seq(3, 4 + i, t=i) for i in range(4)]
+    for s in seqs:
+        sched.add(s)
+    out = run_step(sched)
+    assert [(s, n) for s, n in out.scheduled] == [(seqs[0], 3), (seqs[1], 3)]
+    assert out.num_batched_tokens == 6 and bm.can_allocate(seqs[2])  # room for more, but the cap
+    assert sched.running == seqs[:2] and list(sched.waiting) == seqs[2:]
+    for _ in range(3):  # seqs[0] decodes to its 4 tokens; nobody else comes in meanwhile
+        out = run_step(sched)
+        assert [s for s, _ in out.scheduled] == seqs[:2]
+    assert finish_done(sched) == [seqs[0]]
+    out = run_step(sched)  # one slot free: exactly one more, the oldest waiting
+    assert [(s, n) for s, n in out.scheduled] == [(seqs[1], 1), (seqs[2], 3)]
+    assert list(sched.waiting) == [seqs[3]]
+
+
+def test_add_refuses_prompt_plus_max_tokens_over_the_pool_like_the_engine():
+    """``add`` reserves prompt + max_tokens slots, one more than a request can use (its last
+    token is sampled, never fed back), on purpose: it is the bound of ``LLMEngine.check_request``
+    and ``max_model_len`` (vLLM's prompt + max_tokens <= max_model_len), which refuse such a
+    request before the scheduler sees it. P + T = capacity runs alone, writing capacity - 1 slots;
+    P + T = capacity + 1 would fit too, but is refused like the engine refuses it."""
+    bm = BlockManager(4, 4)  # 16 slots
+    sched = Scheduler(bm, max_num_seqs=1, max_num_batched_tokens=16)
+    with pytest.raises(ValueError, match=r"needs up to 17 KV slots .* cache holds 16"):
+        sched.add(seq(4, max_tokens=13))
+    assert not sched.has_unfinished()
+    s = seq(4, max_tokens=12)
+    sched.add(s)
+    for _ in range(20):
+        if not sched.has_unfinished():
+            break
+        run_step(sched)
+        assert s.num_preemptions == 0
+        finish_done(sched)
+    assert s.is_finished and s.num_output_tokens == 12
+    assert s.num_computed_tokens == 15  # the 16th token's K/V is never written
+    assert bm.num_free_blocks == 4

@@ -66,6 +66,9 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         """Queue ``seq``; refuse one that could never fit in the pool even running alone."""
+        # One slot more than a request can write (its last token is sampled, never fed back),
+        # on purpose: the same bound as LLMEngine.check_request and max_model_len (vLLM's
+        # prompt + max_tokens <= max_model_len), which refuse such a request before it gets here.
         needed = seq.num_prompt_tokens + seq.params.max_tokens
         if needed > self.capacity_tokens():
             raise ValueError(

@@ -118,7 +118,7 @@ def paged_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_c
 
 def paged_decode_attention_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                   block_tables: torch.Tensor, context_lens: torch.Tensor,
-                                  scale=None) -> torch.Tensor:
+                                  scale=None, *, max_context: int | None = None) -> torch.Tensor:
     """Decode attention for a whole batch in one SDPA call, in torch (the CPU's fast path).
 
     Gathers every sequence's blocks with one ``index_select`` into a ``[B, H, T, D]`` batch
@@ -126,12 +126,13 @@ def paged_decode_attention_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     wins when the contexts are of similar length; with very unequal ones the padding costs more
     than it saves, so the model only takes this path when padding at most doubles the keys read
     (see :func:`course_lib.models.attention.paged_attention`). No checks: the engine built
-    the inputs. ``q`` [B, H, D] -> [B, H, D].
+    the inputs. ``q`` [B, H, D] -> [B, H, D]. ``max_context``: the longest context, when the
+    caller knows it on the host (else it is read from ``context_lens``: a device sync).
     """
     B, H, D = q.shape
     bs, Hkv = k_cache.shape[1], k_cache.shape[2]
     lens = context_lens.long()
-    n = _cdiv(int(lens.max()), bs)
+    n = _cdiv(int(lens.max()) if max_context is None else max_context, bs)
     table = block_tables[:, :n].long().clamp(0, k_cache.shape[0] - 1).reshape(-1)  # padding: masked
     compute = q.dtype if q.device.type == "cuda" else torch.float32
     k, v = (c.index_select(0, table).view(B, n * bs, Hkv, D).transpose(1, 2).to(compute)

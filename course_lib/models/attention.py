@@ -141,23 +141,28 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # Decodes (one token each, first in the batch) go to the flash-decoding kernel. The torch
     # path batches short ones into one padded SDPA call (PADDED_DECODE_MAX_*); otherwise it
     # serves them one sequence at a time over their own blocks (below).
+    # Host-side values come from the metadata (built once per step): no layer reads a device
+    # tensor back to Python, which on a GPU would wait for every queued kernel, once per layer.
     d = meta.num_decodes
+    host_lens = meta.context_lens_host
+    if host_lens is None:  # metadata built by hand, without the host copy
+        host_lens = meta.context_lens.tolist()
     parts = []
     if d and meta.backend == "torch":
-        lens = meta.context_lens[:d]
-        padded = d * int(lens.max())
-        if d == 1 or padded > PADDED_DECODE_MAX_WASTE * int(lens.sum()) \
+        longest = max(host_lens[:d])
+        padded = d * longest
+        if d == 1 or padded > PADDED_DECODE_MAX_WASTE * sum(host_lens[:d]) \
                 or padded > PADDED_DECODE_MAX_KEYS:
             d = 0
         else:
-            parts.append(paged_decode_attention_padded(q[:d], k_cache, v_cache,
-                                                       meta.block_tables[:d], lens))
+            parts.append(paged_decode_attention_padded(q[:d], k_cache, v_cache, meta.block_tables[:d],
+                                                       meta.context_lens[:d], max_context=longest))
     elif d:
         parts.append(paged_decode_attention(q[:d], k_cache, v_cache, meta.block_tables[:d],
                                             meta.context_lens[:d], backend=meta.backend,
                                             validate=False))  # built by us: no GPU syncs
     if d < len(meta.query_lens):  # prompts and prompt chunks: causal attention in torch
         parts.append(paged_prefill_attention(q[d:], k_cache, v_cache, meta.block_tables[d:],
-                                             meta.context_lens[d:], meta.query_lens[d:],
+                                             host_lens[d:], meta.query_lens[d:],
                                              validate=False))
     return torch.cat(parts) if len(parts) > 1 else parts[0]

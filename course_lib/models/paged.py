@@ -94,6 +94,8 @@ class PagedAttentionMetadata:
     - ``block_tables`` [S, max_blocks] int32, padded with -1; ``context_lens`` [S] int32: tokens
       each sequence attends to after this step's writes; ``query_lens``: new tokens per sequence.
     - ``logits_indices`` [S]: the row of each sequence's last new token, the only logits needed.
+    - ``context_lens_host``: ``context_lens`` as Python ints, built once per step with the rest,
+      so that no layer reads a device tensor back to the host (a sync on a GPU, per layer).
     """
 
     cache: PagedKVCache
@@ -104,6 +106,7 @@ class PagedAttentionMetadata:
     query_lens: list[int]
     logits_indices: torch.Tensor
     backend: str | None = None
+    context_lens_host: list[int] | None = None
 
     @property
     def num_decodes(self) -> int:
@@ -138,4 +141,4 @@ class PagedAttentionMetadata:
                    context_lens=torch.tensor(contexts, dtype=torch.int32, device=device),
                    query_lens=list(query_lens),
                    logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=device),
-                   backend=backend)
+                   backend=backend, context_lens_host=contexts)

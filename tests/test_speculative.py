@@ -227,13 +227,17 @@ def test_exact_length_and_cache_invariant_for_every_stopping_point(new) -> None:
         check_caches(result, target, draft, 1)
 
 
+def _sampled_runs(pairs, prompt):
+    """Each (target, draft) pair decodes 30 tokens at temperature 1, top-k 20, from seed 0."""
+    return [SpeculativeDecoder(target, draft, k=3, temperature=1.0, top_k=20)
+            .generate(prompt, 30, generator=torch.Generator().manual_seed(0)) for target, draft in pairs]
+
+
 def test_sampled_hf_and_course_gpt_paths_agree(random_hf_gpt2) -> None:
     hf_draft = random_hf(1, n_embd=16, n_layer=1)
     prompt = torch.tensor([[5, 17, 3]])
-    runs = []
-    for target, draft in ((random_hf_gpt2, hf_draft), (GPT.from_hf(random_hf_gpt2), GPT.from_hf(hf_draft))):
-        decoder = SpeculativeDecoder(target, draft, k=3, temperature=1.0, top_k=20)
-        runs.append(decoder.generate(prompt, 30, generator=torch.Generator().manual_seed(0)))
+    runs = _sampled_runs([(random_hf_gpt2, hf_draft), (GPT.from_hf(random_hf_gpt2), GPT.from_hf(hf_draft))],
+                         prompt)
     assert torch.equal(runs[0].tokens, runs[1].tokens)
     assert runs[0].stats.accepted_per_round == runs[1].stats.accepted_per_round
     check_caches(runs[0], random_hf_gpt2, hf_draft, prompt.shape[1])
@@ -561,10 +565,7 @@ def test_sampled_hf_and_course_llama_paths_agree() -> None:
     """Temperature 1, same seed: HF LLaMA models and our Llama copies draw the same tokens."""
     hf_target, hf_draft = random_llama(0, 48, 2, 6, 2), random_llama(1, 24, 1, 3, 1)
     prompt = torch.tensor([[5, 17, 3]])
-    runs = []
-    for target, draft in ((hf_target, hf_draft), (Llama.from_hf(hf_target), Llama.from_hf(hf_draft))):
-        decoder = SpeculativeDecoder(target, draft, k=3, temperature=1.0, top_k=20)
-        runs.append(decoder.generate(prompt, 30, generator=torch.Generator().manual_seed(0)))
+    runs = _sampled_runs([(hf_target, hf_draft), (Llama.from_hf(hf_target), Llama.from_hf(hf_draft))], prompt)
     assert torch.equal(runs[0].tokens, runs[1].tokens)
     assert runs[0].stats.accepted_per_round == runs[1].stats.accepted_per_round
     assert any(n < k for k, n in zip(runs[0].stats.k_per_round, runs[0].stats.accepted_per_round, strict=True))

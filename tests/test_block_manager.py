@@ -113,15 +113,16 @@ class BlockManagerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def allocate(self, data) -> None:
         seq = data.draw(st.sampled_from(self.waiting), label="seq")
-        hits = self.m._cached_prefix(seq)
-        if not self.m.can_allocate(seq):
+        hits = self.m.cached_prefix(seq)
+        given = hits if data.draw(st.booleans(), label="hand the hits over") else None
+        if not self.m.can_allocate(seq, given):
             before = ([b.ref_count for b in self.m.blocks], list(self.m.free_blocks))
             with pytest.raises(RuntimeError, match="not enough free blocks"):
-                self.m.allocate(seq)
+                self.m.allocate(seq, given)
             assert seq.block_table == []
             assert ([b.ref_count for b in self.m.blocks], list(self.m.free_blocks)) == before
             return
-        self.m.allocate(seq)
+        self.m.allocate(seq, given)
         self.waiting.remove(seq)
         self.live.append(seq)
         assert len(seq.block_table) == self.m.blocks_needed(seq.num_tokens)

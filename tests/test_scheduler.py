@@ -232,3 +232,58 @@ def test_add_refuses_prompt_plus_max_tokens_over_the_pool_like_the_engine():
     assert s.is_finished and s.num_output_tokens == 12
     assert s.num_computed_tokens == 15  # the 16th token's K/V is never written
     assert bm.num_free_blocks == 4
+
+
+def test_update_from_output_owns_the_post_step_update():
+    """The scheduler applies a step's tokens: computed counts for every row, a token only for
+    rows that got one, and the finish rule (stop token, EOS unless ignore_eos, max_tokens) with
+    the finished sequence's blocks freed at once."""
+    bm = BlockManager(32, 4)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=8)
+    stop = Sequence([1, 2, 3], SamplingParams(max_tokens=5, stop_token_ids=[9]), arrival_time=0)
+    eos_kept = Sequence([1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True), arrival_time=1)
+    short = Sequence([1, 2], SamplingParams(max_tokens=1), arrival_time=2)
+    chunked = Sequence(list(range(1, 11)), SamplingParams(max_tokens=5), arrival_time=3)
+    for s in (stop, eos_kept, short, chunked):
+        sched.add(s)
+    out = sched.schedule(now=0.0)
+    assert [n for _, n in out.scheduled] == [3, 3, 2]  # chunked waits: the budget is spent
+    updated = sched.update_from_output(out, [5, 0, 4], now=1.0, eos_token_id=0)
+    assert updated == [stop, eos_kept, short]
+    assert short.finish_reason == "length" and short.block_table == [] and short not in sched.running
+    assert sched.num_prompt_tokens == 8 and sched.num_generation_tokens == 3
+    out = sched.schedule(now=1.0)
+    assert [(s, n) for s, n in out.scheduled] == [(stop, 1), (eos_kept, 1), (chunked, 6)]
+    updated = sched.update_from_output(out, [9, 0, None], now=2.0, eos_token_id=0)
+    assert updated == [stop, eos_kept]  # the chunk got no token
+    assert stop.finish_reason == "stop" and stop.block_table == []
+    assert not eos_kept.is_finished  # EOS, but ignore_eos
+    assert chunked.num_computed_tokens == 6 and chunked.num_output_tokens == 0
+    assert sched.num_prompt_tokens == 8  # a sequence's prompt counts once, with its first token
+    with pytest.raises(ValueError):  # one token (or None) per scheduled row, no fewer
+        sched.update_from_output(sched.schedule(now=2.0), [1])
+
+
+def test_an_admission_walks_the_prefix_hash_chain_once(monkeypatch):
+    """The scheduler looks a waiting prompt's cached prefix up once and hands the hits to
+    can_allocate and allocate (it used to be walked by each), and the post-step update does not
+    re-hash blocks it already published."""
+    import course_lib.serving.block_manager as block_manager
+
+    bm = BlockManager(64, 4)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64)
+    first = Sequence(list(range(1, 18)), SamplingParams(max_tokens=4), arrival_time=0)
+    sched.add(first)
+    out = sched.schedule(now=0.0)
+    sched.update_from_output(out, [1], now=0.0)  # 17 tokens: 4 full blocks published
+    calls = []
+    real = block_manager.chain_hash
+    monkeypatch.setattr(block_manager, "chain_hash", lambda *a: calls.append(a) or real(*a))
+    again = Sequence(list(range(1, 18)), SamplingParams(max_tokens=4), arrival_time=1)
+    sched.add(again)
+    out = sched.schedule(now=1.0)
+    assert again.num_cached_tokens == 16  # the 4 full blocks were hits
+    assert len(calls) == 4  # one hash per full block of the prompt, once
+    calls.clear()
+    sched.update_from_output(out, [2, 3], now=1.0)
+    assert calls == []  # both sequences' full blocks already carry their hashes

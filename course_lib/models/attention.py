@@ -94,9 +94,10 @@ def check_paged_input(idx: torch.Tensor, meta: PagedAttentionMetadata, config) -
     if idx.dim() != 2 or idx.size(0) != 1 or idx.size(1) != meta.positions.numel():
         raise ValueError(f"paged forward takes idx [1, N] with N = {meta.positions.numel()} "
                          f"new tokens, got {list(idx.shape)}")
-    if int(meta.positions.max()) >= context:
-        raise ValueError(f"position {int(meta.positions.max())} exceeds the model's context of "
-                         f"{context}")
+    lens = meta.context_lens_host
+    last = max(lens) - 1 if lens is not None else int(meta.positions.max())  # host copy: no sync
+    if last >= context:
+        raise ValueError(f"position {last} exceeds the model's context of {context}")
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int = 0,

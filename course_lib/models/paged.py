@@ -15,7 +15,7 @@ each token goes (``slot_mapping``) and which cached tokens each sequence sees (`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -108,14 +108,14 @@ class PagedAttentionMetadata:
     backend: str | None = None
     context_lens_host: list[int] | None = None
 
-    @property
-    def num_decodes(self) -> int:
-        """How many leading sequences bring exactly one new token: the decode kernel serves them
-        (the scheduler puts decodes first), the prefill path the rest."""
-        for i, n in enumerate(self.query_lens):
-            if n != 1:
-                return i
-        return len(self.query_lens)
+    num_decodes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        """Host-side values every layer needs, computed once per step: ``num_decodes``, how many
+        leading sequences bring exactly one new token (the decode kernel serves them, since the
+        scheduler puts decodes first; the prefill path the rest)."""
+        self.num_decodes = next((i for i, n in enumerate(self.query_lens) if n != 1),
+                                len(self.query_lens))
 
     @classmethod
     def build(cls, cache: PagedKVCache, block_tables: Sequence[Sequence[int]],

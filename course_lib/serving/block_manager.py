@@ -72,11 +72,14 @@ class BlockManager:
         return self.num_blocks - len(self.free_blocks)
 
     # ---------------------------------------------------------------- allocation
-    def _cached_prefix(self, seq: Sequence) -> list[int]:
+    def cached_prefix(self, seq: Sequence) -> list[int]:
         """Physical blocks holding the longest cached prefix of ``seq``'s tokens.
 
         Only blocks that lie entirely before the last token count: the last token is always
-        computed again, so the step that finishes the prompt has logits to sample from.
+        computed again, so the step that finishes the prompt has logits to sample from. The
+        scheduler looks them up once per admission and hands them to :meth:`can_allocate` and
+        :meth:`allocate` (vLLM's ``get_computed_blocks`` -> ``allocate_slots``), so the chain of
+        hashes is walked once, not once per call.
         """
         if not self.enable_prefix_caching:
             return []
@@ -90,25 +93,29 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
-    def can_allocate(self, seq: Sequence) -> bool:
-        """True when there are blocks for all of ``seq``'s current tokens (prefix hits included)."""
-        hits = self._cached_prefix(seq)
+    def can_allocate(self, seq: Sequence, hits: list[int] | None = None) -> bool:
+        """True when there are blocks for all of ``seq``'s current tokens (prefix hits included).
+
+        ``hits``: what :meth:`cached_prefix` returned for ``seq`` (looked up here when omitted).
+        """
+        hits = self.cached_prefix(seq) if hits is None else hits
         fresh = self.blocks_needed(seq.num_tokens) - len(hits)
         reused_free = sum(1 for b in hits if self.blocks[b].ref_count == 0)
         return fresh + reused_free <= self.num_free_blocks
 
-    def allocate(self, seq: Sequence) -> None:
+    def allocate(self, seq: Sequence, hits: list[int] | None = None) -> None:
         """Give ``seq`` (holding no blocks) a block table for its tokens, reusing cached prefixes.
 
-        Sets ``seq.num_cached_tokens`` and ``seq.num_computed_tokens`` to the tokens found in
-        the cache: the scheduler computes only the rest.
+        ``hits``: :meth:`cached_prefix` of ``seq`` with no block taken or freed since (looked up
+        here when omitted). Sets ``seq.num_cached_tokens`` and ``seq.num_computed_tokens`` to
+        the tokens found in the cache: the scheduler computes only the rest.
         """
         if seq.block_table:
             raise ValueError(f"sequence {seq.request_id} already holds blocks {seq.block_table}")
-        if not self.can_allocate(seq):
+        hits = self.cached_prefix(seq) if hits is None else hits
+        if not self.can_allocate(seq, hits):
             raise RuntimeError(f"not enough free blocks for sequence {seq.request_id} "
                                f"({seq.num_tokens} tokens, {self.num_free_blocks} blocks free)")
-        hits = self._cached_prefix(seq)
         if self.enable_prefix_caching:
             self.prefix_queries += (seq.num_tokens - 1) // self.block_size
             self.prefix_hits += len(hits)
@@ -203,8 +210,11 @@ class BlockManager:
         """Publish ``seq``'s full, computed blocks in the prefix cache."""
         if not self.enable_prefix_caching:
             return
+        full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        if full == 0 or self.blocks[seq.block_table[full - 1]].hash is not None:
+            return  # blocks are published in order: the last full one has a hash, so all do
         prev = None
-        for i in range(min(seq.num_computed_tokens // self.block_size, len(seq.block_table))):
+        for i in range(full):
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:
                 tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])

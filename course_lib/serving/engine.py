@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from course_lib.generation.sampling import next_token
@@ -112,7 +113,6 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self.finished_unreported: list[Sequence] = []
         self.steps: deque[StepRecord] = deque(maxlen=record_steps)
-        self.num_prompt_tokens = self.num_generation_tokens = 0
 
     # ---------------------------------------------------------------- requests
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -189,7 +189,8 @@ class LLMEngine:
         removed, and :class:`StepError` names them; the engine stays usable for the others.
         """
         start = time.perf_counter()
-        plan = self.scheduler.schedule(start)
+        with record_function("engine.schedule"):
+            plan = self.scheduler.schedule(start)
         try:
             updated = self._run_plan(plan)
         except Exception as exc:
@@ -208,56 +209,56 @@ class LLMEngine:
         for seq in updated:
             if seq.is_finished:
                 self.requests.pop(seq.request_id, None)
-        return [self._output(seq) for seq in updated]
+        with record_function("engine.outputs"):
+            return [self._output(seq) for seq in updated]
 
     def _run_plan(self, plan: SchedulerOutput) -> list[Sequence]:
-        """The forward pass and sampling of one step; returns the sequences that changed."""
-        updated: list[Sequence] = []
-        if not plan.is_empty:
+        """The forward pass and sampling of one step; the scheduler applies the results.
+        Returns the sequences that got a token. Each phase carries a profiler label."""
+        if plan.is_empty:
+            return []
+        with record_function("engine.copy_blocks"):
             for src, dst in plan.copies:
                 self.cache.copy_block(src, dst)
-            logits = self._forward(plan)
-            argmax = logits.argmax(-1).tolist()  # greedy rows, with one device-to-host copy
-            now = time.perf_counter()
-            for row, (seq, n) in enumerate(plan.scheduled):
-                seq.num_computed_tokens += n
-                self.block_manager.mark_computed(seq)
-                if seq.num_computed_tokens < seq.num_tokens:
-                    continue  # a prefill chunk: no token until the whole prompt is in
-                if seq.num_output_tokens == 0:
-                    self.num_prompt_tokens += seq.num_prompt_tokens
-                token = argmax[row] if seq.params.temperature == 0 else int(next_token(
-                    logits[row], seq.params.temperature, seq.params.top_k, seq.params.top_p,
-                    seq.generator))
-                seq.append_token(token, now)
-                self.num_generation_tokens += 1
-                reason = self._finish_reason(seq)
-                if reason is not None:
-                    seq.finish(reason, now)
-                    self.scheduler.finish(seq)
-                updated.append(seq)
-        return updated
+        logits = self._forward(plan)
+        with record_function("engine.sample"):
+            tokens = self._sample(plan, logits)
+        with record_function("engine.update"):
+            return self.scheduler.update_from_output(plan, tokens, time.perf_counter(),
+                                                     self.eos_token_id)
+
+    def _sample(self, plan: SchedulerOutput, logits: torch.Tensor) -> list[int | None]:
+        """One token per sequence whose known tokens are all cached after this step (None for
+        a prefill chunk that is not the prompt's last). Greedy rows share one argmax and one
+        device-to-host copy; sampled rows draw from their own generator (a request's ``seed``)."""
+        argmax = logits.argmax(-1).tolist()
+        tokens: list[int | None] = []
+        for row, (seq, n) in enumerate(plan.scheduled):
+            params = seq.params
+            if seq.num_computed_tokens + n < seq.num_tokens:
+                tokens.append(None)
+            elif params.temperature == 0:
+                tokens.append(argmax[row])
+            else:
+                tokens.append(int(next_token(logits[row], params.temperature, params.top_k,
+                                             params.top_p, seq.generator)))
+        return tokens
 
     def _forward(self, plan: SchedulerOutput) -> torch.Tensor:
         """One forward pass over every scheduled sequence's new tokens -> logits [S, vocab]."""
-        tokens, tables, starts, counts = [], [], [], []
+        tokens: list[int] = []
+        tables, starts, counts = [], [], []
         for seq, n in plan.scheduled:
             start = seq.num_computed_tokens
             tokens += seq.token_ids[start:start + n]
             tables.append(seq.block_table)
             starts.append(start)
             counts.append(n)
-        meta = PagedAttentionMetadata.build(self.cache, tables, starts, counts, self.backend)
-        idx = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        return self.model(idx, meta)[0]
-
-    def _finish_reason(self, seq: Sequence) -> str | None:
-        last, params = seq.token_ids[-1], seq.params
-        if last in params.stop_token_ids or (last == self.eos_token_id and not params.ignore_eos):
-            return "stop"
-        if seq.num_output_tokens >= params.max_tokens:
-            return "length"
-        return None
+        with record_function("engine.metadata"):
+            meta = PagedAttentionMetadata.build(self.cache, tables, starts, counts, self.backend)
+            idx = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        with record_function("engine.forward"):
+            return self.model(idx, meta)[0]
 
     def _output(self, seq: Sequence) -> RequestOutput:
         if seq.params.output_kind == "delta":  # only what is new: O(1) per token, no text
@@ -315,8 +316,8 @@ class LLMEngine:
                 "num_waiting": len(self.scheduler.waiting),
                 "kv_cache_usage": usage["utilization"],
                 "num_preemptions": self.scheduler.num_preemptions,
-                "prompt_tokens": self.num_prompt_tokens,
-                "generation_tokens": self.num_generation_tokens,
+                "prompt_tokens": self.scheduler.num_prompt_tokens,
+                "generation_tokens": self.scheduler.num_generation_tokens,
                 "prefix_hit_rate": usage["prefix_hit_rate"]}
 
 

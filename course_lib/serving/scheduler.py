@@ -12,7 +12,10 @@ batching (Orca, vLLM) decides again at *every step*:
    the remaining token budget is **chunked**: part of it now, the rest in the next steps.
 
 Each step returns a :class:`SchedulerOutput`: ``(sequence, number of new tokens)`` pairs plus the
-copy-on-write block copies to apply before the forward pass.
+copy-on-write block copies to apply before the forward pass. After the forward pass the engine
+hands the sampled tokens back to :meth:`Scheduler.update_from_output`, which owns the post-step
+update (as vLLM's scheduler and nano-vllm's ``postprocess`` do): computed tokens, prefix-cache
+publishing, the new token, and the finish rule (:func:`finish_reason`).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_prompt_tokens = self.num_generation_tokens = 0  # of requests that got a token
 
     def capacity_tokens(self) -> int:
         return self.block_manager.num_blocks * self.block_manager.block_size
@@ -117,10 +121,11 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs \
                 and not out.preempted:
             seq = self.waiting[0]
-            if not self.block_manager.can_allocate(seq):
+            hits = self.block_manager.cached_prefix(seq)  # the hash chain, walked once
+            if not self.block_manager.can_allocate(seq, hits):
                 break
             self.waiting.popleft()
-            self.block_manager.allocate(seq)
+            self.block_manager.allocate(seq, hits)
             n = min(seq.num_pending_tokens, budget)
             seq.status = SequenceStatus.RUNNING
             if seq.first_scheduled_time is None:
@@ -130,6 +135,33 @@ class Scheduler:
             budget -= n
         return out
 
+    def update_from_output(self, out: SchedulerOutput, token_ids: list[int | None],
+                           now: float | None = None, eos_token_id: int | None = None) -> list[Sequence]:
+        """Apply one step's results: ``token_ids[i]`` is the token sampled for
+        ``out.scheduled[i]``, or None for a prefill chunk that is not the prompt's last.
+
+        Every scheduled sequence has its ``n`` tokens computed (and its full blocks published
+        for prefix caching); each that got a token appends it, and finishes (blocks freed) when
+        :func:`finish_reason` says so. Returns the sequences that got a token, in step order.
+        """
+        now = time.perf_counter() if now is None else now
+        updated = []
+        for (seq, n), token in zip(out.scheduled, token_ids, strict=True):
+            seq.num_computed_tokens += n
+            self.block_manager.mark_computed(seq)
+            if token is None:
+                continue
+            if seq.num_output_tokens == 0:  # its first token: the prompt is done (once)
+                self.num_prompt_tokens += seq.num_prompt_tokens
+            seq.append_token(token, now)
+            self.num_generation_tokens += 1
+            reason = finish_reason(seq, eos_token_id)
+            if reason is not None:
+                seq.finish(reason, now)
+                self.finish(seq)
+            updated.append(seq)
+        return updated
+
     def finish(self, seq: Sequence) -> None:
         """Remove a finished (or aborted) sequence and free its blocks."""
         if seq in self.running:
@@ -137,3 +169,14 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
+
+
+def finish_reason(seq: Sequence, eos_token_id: int | None = None) -> str | None:
+    """Why ``seq`` stops after its last token: "stop" (a stop token, or EOS unless
+    ``ignore_eos``), "length" (``max_tokens`` reached), or None to go on."""
+    last, params = seq.token_ids[-1], seq.params
+    if last in params.stop_token_ids or (last == eos_token_id and not params.ignore_eos):
+        return "stop"
+    if seq.num_output_tokens >= params.max_tokens:
+        return "length"
+    return None

@@ -43,7 +43,7 @@ a max-length contiguous reservation admits (budget // max_len) against the real
 reserved slots that hold no token for each (vLLM reports < 4% for paging, 60-80% contiguous).
 
     python benchmarks/engine.py [--quick] [--models smollm2-135m tiny] [--requests N]
-                                [--batch-size 8] [--threads 1]
+                                [--batch-size 8] [--threads N]
 
 Writes ``benchmarks/results/engine-<machine>.json`` (one section per model under ``models``;
 the headline model's section, the first, is also copied to the top level) and a bar chart
@@ -393,7 +393,8 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--budget-tokens", type=int, default=4096, help="memory section's KV budget")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: runtime.cpu_threads, shared: 1 on 2 cores)")
     parser.add_argument("--repeats", type=int, default=2,
                         help="runs of static batching and of the engine, alternating; best kept")
     parser.add_argument("--seed", type=int, default=0)
@@ -407,7 +408,7 @@ def main() -> None:
         args.max_num_seqs = 2 * args.batch_size
     if args.quick:
         args.repeats = 1
-    torch.set_num_threads(args.threads)
+    runtime.use_cpu_threads(args.threads, shared=True)
     sections = []
     for name in args.models:
         table = QUICK_WORKLOADS if args.quick else WORKLOADS

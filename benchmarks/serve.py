@@ -9,8 +9,8 @@ The sweep runs once per model of ``--models`` (default ``smollm2-135m tiny``: Sm
 Instruct, the LLaMA-family model, is the headline; the bundled tiny GPT-2 is the second row),
 each on its own server, each with its own 8-vs-1 ratio measured in this run. The script starts
 the real server as a subprocess (``python -m course_lib serve --model MODEL --port <free port>
---max-queue 256``, with ``OMP_NUM_THREADS=--threads``, default 1: the machine has 2 cores and
-the load generator needs one), waits for ``GET /health``, and loads it with
+--max-queue 256``, with ``OMP_NUM_THREADS=--threads``, by default the course's rule ``runtime.cpu_threads(shared=True)``:
+1 on this 2-core machine, where the load generator needs the other core), waits for ``GET /health``, and loads it with
 ``course_lib.serving.loadgen`` (vLLM's ``benchmark_serving.py`` method: streaming
 ``/v1/completions``, TTFT, TPOT = (E2E - TTFT)/(n - 1), ITL, E2E) at a sweep of fixed
 concurrencies (default 1, 2, 4, 8, 16, 32). Each level is a closed loop: C clients, each sending
@@ -41,7 +41,7 @@ checked: 400 with OpenAI's error JSON (message/type/param/code) naming the field
     python benchmarks/serve.py [--quick] [--only sweep|soak] [--models smollm2-135m tiny]
                                [--concurrency 1 2 4 8 16 32] [--max-requests N]
                                [--duration 20] [--soak-concurrency 128] [--soak-duration 60]
-                               [--soak-max-queue 8] [--hostile-clients 8] [--threads 1]
+                               [--soak-max-queue 8] [--hostile-clients 8] [--threads N]
                                [--url http://127.0.0.1:PORT]
 
 ``--url`` loads a server that is already running instead of starting any (the soak then runs
@@ -529,7 +529,8 @@ def main() -> int:
     parser.add_argument("--output-len", type=int, default=None,
                         help=f"output tokens (default: per model in the sweep, see SWEEPS; "
                              f"{SOAK_OUTPUT_LEN} in the soaks)")
-    parser.add_argument("--threads", type=int, default=1, help="server's OMP_NUM_THREADS")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="server's torch threads (default: runtime.cpu_threads, shared: 1 on 2 cores)")
     parser.add_argument("--max-queue", type=int, default=256, help="--max-queue of the sweep's server")
     parser.add_argument("--server-arg", action="append", default=[],
                         help="extra argument for `course_lib serve` (repeatable)")
@@ -541,6 +542,7 @@ def main() -> int:
     parser.add_argument("--no-fail", action="store_true", help="exit 0 even when a check fails")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
     args = parser.parse_args()
+    args.threads = runtime.cpu_threads(args.threads, shared=True)  # the load generator needs a core
     if args.quick:
         args.concurrency, args.duration, args.soak_duration = [1, 2, 4, 8], 3.0, 10.0
         args.ratio_repeats = 1

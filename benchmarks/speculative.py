@@ -98,11 +98,10 @@ def main() -> None:
     parser.add_argument("--target", default=None,
                         help="default: course_lib.models.hub.speculative_pair()'s (SmolLM2 by mode)")
     parser.add_argument("--draft", default=None, help=f"default: {SMOLLM2}")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: runtime.cpu_threads)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    runtime.use_cpu_threads(args.threads)
     if args.quick:
         args.new_tokens, args.prompts_per_type, args.repeats = 32, 2, 1
 

@@ -114,6 +114,9 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=_positive, default=16, help="KV block size (default: 16)")
     p.add_argument("--num-blocks", type=_positive, help="KV blocks (default: from the memory budget)")
     p.add_argument("--device", help="cpu, cuda, ... (default: CUDA if present)")
+    p.add_argument("--threads", type=_positive, default=None,
+                   help="torch threads on a CPU (default: the course's rule, runtime.cpu_threads: "
+                   "the usable cores minus one for the event loop, or $COURSE_THREADS)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM (default: 30)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))

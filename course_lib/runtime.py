@@ -11,6 +11,7 @@ Environment variables:
   notebook in minutes on a laptop, real models) or ``full`` (the default with CUDA).
 - ``COURSE_FAST=1``: the older switch, an alias for ``COURSE_MODE=fast``.
 - ``COURSE_OFFLINE=1``: never try the model or dataset hub (also ``HF_HUB_OFFLINE=1``).
+- ``COURSE_THREADS``: torch threads on a CPU, overriding the course's rule (:func:`cpu_threads`).
 - ``TRITON_INTERPRET``: set to 1 by :func:`triton_mode` when there is no CUDA, before the
   course's kernels are defined, so they run on the CPU through Triton's interpreter.
 """
@@ -169,6 +170,73 @@ def log_once(message: str) -> None:
     if message not in _logged:
         _logged.add(message)
         print(message, file=sys.stderr)
+
+
+THREADS_ENV = "COURSE_THREADS"
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what this process may run on (containers, taskset)
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def cpu_threads(requested: int | None = None, *, shared: bool = False) -> int:
+    """How many torch threads the course uses on a CPU: its one rule for the engine's server,
+    the benchmarks and the notebooks' timing cells.
+
+    1. ``requested`` (a ``--threads`` flag), else ``$COURSE_THREADS``, else ``$OMP_NUM_THREADS``
+       (torch already obeys it), wins.
+    2. Otherwise the cores this process may use, at most torch's own default (physical cores),
+    3. minus one when ``shared``: something else needs a core at the same time (a server's event
+       loop and tokenizer beside the engine, a load generator beside the server, timings taken
+       while Jupyter runs). On 2 cores, two torch threads thrash as soon as anything else runs:
+       every parallel region waits for the thread that was descheduled.
+    4. One when the machine is already busy (1-minute load average above the usable cores).
+
+    Never below 1.
+    """
+    if requested is None:
+        for name in (THREADS_ENV, "OMP_NUM_THREADS"):
+            text = os.environ.get(name, "").strip()
+            if text:
+                if not text.isdigit() or int(text) < 1:
+                    raise ValueError(f"{name}={text!r} must be a positive integer (torch threads)")
+                requested = int(text)
+                break
+    if requested is not None:
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+            raise ValueError(f"threads must be a positive integer, got {requested!r}")
+        return requested
+    cores = _usable_cores()
+    threads = min(cores, _default_torch_threads()) - (1 if shared else 0)
+    if hasattr(os, "getloadavg") and os.getloadavg()[0] > cores:
+        threads = 1
+    return max(1, threads)
+
+
+@lru_cache(maxsize=1)
+def _default_torch_threads() -> int:
+    return torch.get_num_threads()  # read before the course changes it
+
+
+_default_torch_threads()
+
+
+def use_cpu_threads(requested: int | None = None, *, shared: bool = False,
+                    device: torch.device | str | None = None) -> int:
+    """Set torch's threads by :func:`cpu_threads` when computing on a CPU (``device``, default
+    :func:`get_device`; a GPU run leaves them alone) and return the number in use; says what it
+    chose, once."""
+    if torch.device(device or get_device()).type != "cpu":
+        return torch.get_num_threads()
+    threads = cpu_threads(requested, shared=shared)
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    log_once(f"torch uses {threads} CPU thread(s) ({_usable_cores()} usable cores"
+             f"{', one left for other work' if shared else ''}; set {THREADS_ENV} to override)")
+    return threads
 
 
 def machine_description() -> str:

@@ -119,3 +119,58 @@ def test_write_result_names_the_file_after_the_machine(tmp_path):
     assert json.loads(out.read_text()) == result
     chosen = runtime.write_result("x", result, tmp_path / "results", tmp_path / "deep" / "mine.json")
     assert chosen == tmp_path / "deep" / "mine.json" and json.loads(chosen.read_text()) == result
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """A fake machine for the threads rule: set its usable cores, torch's default and load."""
+    for name in (runtime.THREADS_ENV, "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+
+    def set_machine(cores: int, torch_default: int, load: float = 0.0) -> None:
+        monkeypatch.setattr(runtime, "_usable_cores", lambda: cores)
+        monkeypatch.setattr(runtime, "_default_torch_threads", lambda: torch_default)
+        monkeypatch.setattr(runtime.os, "getloadavg", lambda: (load, load, load))
+
+    return set_machine
+
+
+@pytest.mark.parametrize("cores, torch_default, load, shared, want", [
+    (2, 2, 0.0, False, 2),   # idle 2-core CPU, alone: both cores
+    (2, 2, 0.0, True, 1),    # beside a load generator / Jupyter: one core left for it
+    (16, 8, 0.0, True, 7),   # physical cores cap it (torch's default), then one left
+    (8, 8, 0.5, False, 8),
+    (8, 8, 9.0, False, 1),   # already busy: threads would wait for each other
+    (1, 1, 0.0, True, 1),    # never below one
+])
+def test_cpu_threads_rule(machine, cores, torch_default, load, shared, want):
+    machine(cores, torch_default, load)
+    assert runtime.cpu_threads(shared=shared) == want
+
+
+def test_cpu_threads_overrides_and_bad_values(machine, monkeypatch):
+    machine(16, 8)
+    assert runtime.cpu_threads(3, shared=True) == 3  # --threads wins, exactly
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert runtime.cpu_threads(shared=True) == 5
+    monkeypatch.setenv(runtime.THREADS_ENV, "2")  # the course's variable beats OMP's
+    assert runtime.cpu_threads() == 2
+    monkeypatch.setenv(runtime.THREADS_ENV, "two")
+    with pytest.raises(ValueError, match="COURSE_THREADS='two' must be a positive integer"):
+        runtime.cpu_threads()
+    monkeypatch.delenv(runtime.THREADS_ENV)
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="threads must be a positive integer"):
+            runtime.cpu_threads(bad)
+
+
+def test_use_cpu_threads_sets_torch_on_a_cpu_only(machine, monkeypatch):
+    machine(2, 2)
+    before = torch.get_num_threads()
+    try:
+        assert runtime.use_cpu_threads(shared=True, device="cpu") == 1 == torch.get_num_threads()
+        torch.set_num_threads(2)
+        assert runtime.use_cpu_threads(shared=True, device="cuda") == 2  # a GPU run: untouched
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import uvicorn
 
+from course_lib import runtime
 from course_lib.serving.api import ServerState, create_app
 from course_lib.serving.engine import LLMEngine
 from course_lib.serving.guard import DEFAULT_MAX_BODY_BYTES
@@ -143,6 +144,7 @@ def serve_cli(args: argparse.Namespace) -> int:
     # The engine thread and the event loop share the GIL; a thread waiting for it waits up to
     # the switch interval (5 ms by default), a big slice of a CPU decode step. Hand over sooner.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    runtime.use_cpu_threads(getattr(args, "threads", None), shared=True, device=args.device)  # + event loop
     load = engine_loader(args.model, args.quantized, args.device, num_blocks=args.num_blocks,
                          block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                          max_num_batched_tokens=args.max_num_batched_tokens, record_steps=1000)

@@ -359,6 +359,13 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
     use_triton = _use_triton(backend, key, value, k_cache, v_cache, slot_mapping, name="store_kv")
     if validate:
         _check_store_values(k_cache, slot_mapping)
+    store_kv_unchecked(key, value, k_cache, v_cache, slot_mapping, use_triton)
+
+
+def store_kv_unchecked(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, slot_mapping: torch.Tensor, use_triton: bool) -> None:
+    """:func:`store_kv` without its checks, for a model whose engine built and checked the
+    inputs once per step (the per-layer hot path)."""
     if not use_triton:
         return store_kv_reference(key, value, k_cache, v_cache, slot_mapping)
     N = key.shape[0]
@@ -429,6 +436,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                              name="paged_decode_attention")  # also checks: one device
     if validate:
         _check_decode_values(block_tables, context_lens, *k_cache.shape[:2])
+    return paged_decode_attention_unchecked(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                            num_splits, use_triton)
+
+
+def paged_decode_attention_unchecked(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                     block_tables: torch.Tensor, context_lens: torch.Tensor,
+                                     scale=None, num_splits=None,
+                                     use_triton: bool = True) -> torch.Tensor:
+    """:func:`paged_decode_attention` without its checks (the model's per-layer hot path)."""
     if not use_triton:
         return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale)
     B, H, D = q.shape
@@ -510,10 +526,6 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             raise ValueError(f"{name}: query_lens[{i}] must be in 1..context_lens[{i}] = {L}, got {n}")
     if sum(qlens) != q.shape[0]:
         raise ValueError(f"{name}: q must have sum(query_lens) = {sum(qlens)} rows, got {q.shape[0]}")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    # SDPA in the inputs' dtype on the GPU; float32 on the CPU (half matmuls are slow there)
-    compute = q.dtype if q.device.type == "cuda" else torch.float32
-
     tables, bs = block_tables.long(), k_cache.shape[1]
     if max(_cdiv(L, bs) for L in ctx) > tables.shape[1]:
         raise ValueError(f"{name}: block_tables has {tables.shape[1]} columns, fewer than "
@@ -525,6 +537,18 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if validate and invalid:
         raise ValueError(f"{name}: block_tables must hold ceil(context_lens / block_size) valid "
                          f"block ids (0..{k_cache.shape[0] - 1}) per row")
+    return paged_prefill_attention_unchecked(q, k_cache, v_cache, tables, ctx, qlens, scale)
+
+
+def paged_prefill_attention_unchecked(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                      block_tables: torch.Tensor, context_lens: list[int],
+                                      query_lens: list[int], scale=None) -> torch.Tensor:
+    """:func:`paged_prefill_attention` without its checks: ``context_lens`` and ``query_lens``
+    are lists of ints (the model's per-layer hot path)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    # SDPA in the inputs' dtype on the GPU; float32 on the CPU (half matmuls are slow there)
+    compute = q.dtype if q.device.type == "cuda" else torch.float32
+    tables, bs, ctx, qlens = block_tables, k_cache.shape[1], context_lens, query_lens
     same, gqa = compute == q.dtype, k_cache.shape[2] != q.shape[1]
 
     outs, first = [], 0

@@ -10,19 +10,64 @@ than with one KV head per query head. GPT-2 is the special case ``Hkv = H``.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from course_lib.models.paged import PagedAttentionMetadata
 
-#: The torch (CPU) decode path pads a batch of decodes to its longest context and runs one
-#: masked SDPA call when that reads at most ``PADDED_DECODE_MAX_WASTE`` times the keys actually
-#: needed and at most ``PADDED_DECODE_MAX_KEYS`` keys in all; else one unmasked call per
-#: sequence. On a 2-core CPU with the tiny model, padding won for a few short contexts and lost
-#: badly on long ones (the masked call is slower than per-sequence fused attention there), hence
-#: the key cap; see the issue 7 note for that A/B.
-PADDED_DECODE_MAX_WASTE = 2.0
-PADDED_DECODE_MAX_KEYS = 1024
+#: The torch (CPU) decode path batches a step's decodes whatever their lengths: it cuts them, in
+#: order, into calls (:func:`decode_groups`). Short contexts are padded together, one masked SDPA
+#: call per group: a group grows while padding reads at most ``PADDED_DECODE_MAX_WASTE`` times
+#: the keys actually needed and at most ``PADDED_DECODE_MAX_KEYS`` keys in all. A context longer
+#: than ``PADDED_DECODE_MAX_CONTEXT`` (and a group of one) goes instead to the unmasked fused
+#: SDPA over its own blocks, consecutive ones in one call: per key, the masked call is slower, and
+#: one call over everything gathers a copy of every K/V the step reads (megabytes) that no longer
+#: stays in cache. Measured with ``benchmarks/cpu_decode_attention.py`` on a 2-core CPU.
+PADDED_DECODE_MAX_WASTE = 1.5
+PADDED_DECODE_MAX_KEYS = 2048
+PADDED_DECODE_MAX_CONTEXT = 384
+
+
+class DecodeCall(NamedTuple):
+    """Decodes ``start .. end - 1`` in one call: ``padded`` to ``longest`` and masked, or each
+    over its own blocks (unmasked)."""
+
+    start: int
+    end: int
+    longest: int
+    padded: bool
+
+
+def decode_groups(context_lens: list[int], max_keys: int | None = None,
+                  max_waste: float | None = None,
+                  max_context: int | None = None) -> list[DecodeCall]:
+    """Cut decodes with these context lengths, in order, into :class:`DecodeCall` s (the
+    defaults are ``PADDED_DECODE_MAX_*``, read when called)."""
+    max_keys = PADDED_DECODE_MAX_KEYS if max_keys is None else max_keys
+    max_waste = PADDED_DECODE_MAX_WASTE if max_waste is None else max_waste
+    max_context = PADDED_DECODE_MAX_CONTEXT if max_context is None else max_context
+    runs, start, longest, total = [], 0, 0, 0
+    for i, n in enumerate(context_lens):  # greedy runs of paddable decodes
+        wider = max(longest, n)
+        size = i - start + 1
+        if i > start and (n > max_context or context_lens[start] > max_context
+                          or size * wider > max_keys or size * wider > max_waste * (total + n)):
+            runs.append((start, i, longest))
+            start, wider, total = i, n, 0
+        longest, total = wider, total + n
+    if context_lens:
+        runs.append((start, len(context_lens), longest))
+    calls: list[DecodeCall] = []
+    for a, b, longest in runs:  # groups of one: unmasked, merged with their neighbours
+        if b - a > 1:
+            calls.append(DecodeCall(a, b, longest, True))
+        elif calls and not calls[-1].padded:
+            calls[-1] = DecodeCall(calls[-1].start, b, max(calls[-1].longest, longest), False)
+        else:
+            calls.append(DecodeCall(a, b, longest, False))
+    return calls
 
 
 class ContiguousKVCache:
@@ -131,39 +176,38 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kernel maps query head h to KV head h // (H / Hkv)). Returns [N, H, D].
     """
     from course_lib.kernels.paged_attention import (
-        paged_decode_attention,
         paged_decode_attention_padded,
-        paged_prefill_attention,
-        store_kv,
+        paged_decode_attention_unchecked,
+        paged_prefill_attention_unchecked,
+        store_kv_unchecked,
     )
 
+    # The metadata was built and checked once for the step (PagedAttentionMetadata.build,
+    # check_paged_input): every layer calls the unchecked kernels and twins, and takes its
+    # host-side values (context lengths, decode groups) from the metadata, so no layer reads a
+    # device tensor back to Python (on a GPU: a wait for every queued kernel, once per layer).
+    use_triton = meta.use_triton
     k_cache, v_cache = meta.cache.k[layer], meta.cache.v[layer]
-    store_kv(k, v, k_cache, v_cache, meta.slot_mapping, backend=meta.backend, validate=False)
-    # Decodes (one token each, first in the batch) go to the flash-decoding kernel. The torch
-    # path batches short ones into one padded SDPA call (PADDED_DECODE_MAX_*); otherwise it
-    # serves them one sequence at a time over their own blocks (below).
-    # Host-side values come from the metadata (built once per step): no layer reads a device
-    # tensor back to Python, which on a GPU would wait for every queued kernel, once per layer.
+    store_kv_unchecked(k, v, k_cache, v_cache, meta.slot_mapping, use_triton)
     d = meta.num_decodes
     host_lens = meta.context_lens_host
     if host_lens is None:  # metadata built by hand, without the host copy
-        host_lens = meta.context_lens.tolist()
+        host_lens = meta.context_lens_host = meta.context_lens.tolist()
+    tables, lens = meta.block_tables, meta.context_lens
     parts = []
-    if d and meta.backend == "torch":
-        longest = max(host_lens[:d])
-        padded = d * longest
-        if d == 1 or padded > PADDED_DECODE_MAX_WASTE * sum(host_lens[:d]) \
-                or padded > PADDED_DECODE_MAX_KEYS:
-            d = 0
-        else:
-            parts.append(paged_decode_attention_padded(q[:d], k_cache, v_cache, meta.block_tables[:d],
-                                                       meta.context_lens[:d], max_context=longest))
-    elif d:
-        parts.append(paged_decode_attention(q[:d], k_cache, v_cache, meta.block_tables[:d],
-                                            meta.context_lens[:d], backend=meta.backend,
-                                            validate=False))  # built by us: no GPU syncs
+    if d and use_triton:  # decodes (one token each, first in the batch): flash-decoding
+        parts.append(paged_decode_attention_unchecked(q[:d], k_cache, v_cache, tables[:d],
+                                                      lens[:d], use_triton=True))
+    elif d:  # the torch twins, a few calls for all decodes (PADDED_DECODE_MAX_*)
+        if meta.decode_groups is None:  # once per step (the first layer), not once per layer
+            meta.decode_groups = decode_groups(host_lens[:d])
+        for a, b, longest, padded in meta.decode_groups:
+            parts.append(
+                paged_decode_attention_padded(q[a:b], k_cache, v_cache, tables[a:b], lens[a:b],
+                                              max_context=longest) if padded else
+                paged_prefill_attention_unchecked(q[a:b], k_cache, v_cache, tables[a:b],
+                                                  host_lens[a:b], [1] * (b - a)))
     if d < len(meta.query_lens):  # prompts and prompt chunks: causal attention in torch
-        parts.append(paged_prefill_attention(q[d:], k_cache, v_cache, meta.block_tables[d:],
-                                             host_lens[d:], meta.query_lens[d:],
-                                             validate=False))
+        parts.append(paged_prefill_attention_unchecked(q[d:], k_cache, v_cache, tables[d:],
+                                                       host_lens[d:], meta.query_lens[d:]))
     return torch.cat(parts) if len(parts) > 1 else parts[0]

@@ -107,15 +107,21 @@ class PagedAttentionMetadata:
     logits_indices: torch.Tensor
     backend: str | None = None
     context_lens_host: list[int] | None = None
+    decode_groups: list | None = None  # the torch decode path's calls, made once per step
 
     num_decodes: int = field(init=False)
+    use_triton: bool = field(init=False)
 
     def __post_init__(self) -> None:
         """Host-side values every layer needs, computed once per step: ``num_decodes``, how many
         leading sequences bring exactly one new token (the decode kernel serves them, since the
-        scheduler puts decodes first; the prefill path the rest)."""
+        scheduler puts decodes first; the prefill path the rest), and ``use_triton``, the
+        kernels' backend resolved from ``backend`` (None: Triton where it runs)."""
+        from course_lib.kernels.quant import _use_triton  # the backend rule's one home
+
         self.num_decodes = next((i for i, n in enumerate(self.query_lens) if n != 1),
                                 len(self.query_lens))
+        self.use_triton = _use_triton(self.backend, self.cache.k, name="paged attention")
 
     @classmethod
     def build(cls, cache: PagedKVCache, block_tables: Sequence[Sequence[int]],

@@ -114,6 +114,10 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=_positive, default=16, help="KV block size (default: 16)")
     p.add_argument("--num-blocks", type=_positive, help="KV blocks (default: from the memory budget)")
     p.add_argument("--device", help="cpu, cuda, ... (default: CUDA if present)")
+    p.add_argument("--compile-decode", action="store_true",
+                   help="run decode steps through torch.compile (compiled before the server is "
+                   "ready; off by default: measure first, it did not pay on a 2-core CPU beyond "
+                   "batch 1)")
     p.add_argument("--threads", type=_positive, default=None,
                    help="torch threads on a CPU (default: the course's rule, runtime.cpu_threads: "
                    "the usable cores minus one for the event loop, or $COURSE_THREADS)")

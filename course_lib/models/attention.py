@@ -130,6 +130,8 @@ def check_paged_input(idx: torch.Tensor, meta: PagedAttentionMetadata, config) -
     """A paged forward takes ``idx`` [1, N], N new tokens at positions below the context, over a
     cache shaped for this model (its layers, KV heads and head size): a cache built for another
     model would otherwise be read with the wrong head layout, silently."""
+    if meta.tensors_only:  # a compiled decode step: built and checked by its engine
+        return
     context = config.n_positions
     want = (config.n_layer, config.n_kv_head, config.head_dim)
     got = (meta.cache.k.shape[0], *meta.cache.k.shape[3:])
@@ -182,6 +184,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         store_kv_unchecked,
     )
 
+    if meta.tensors_only:
+        return decode_attention_tensors(q, k, v, meta, layer)
     # The metadata was built and checked once for the step (PagedAttentionMetadata.build,
     # check_paged_input): every layer calls the unchecked kernels and twins, and takes its
     # host-side values (context lengths, decode groups) from the metadata, so no layer reads a
@@ -211,3 +215,32 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         parts.append(paged_prefill_attention_unchecked(q[d:], k_cache, v_cache, tables[d:],
                                                        host_lens[d:], meta.query_lens[d:]))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def decode_attention_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             meta: PagedAttentionMetadata, layer: int) -> torch.Tensor:
+    """Decode attention from tensors alone (``DecodeBatchMetadata``), for ``torch.compile``.
+
+    A pure function of the cache: the row's cached keys (its ``W`` blocks gathered, masked past
+    ``context_lens - 1``) plus its new key, one masked SDPA. The new K/V are not written here
+    but collected in ``meta.new_kv``, and stored for all layers at once after the graph: a
+    compiled graph that writes into a view of a large input tensor may copy the whole tensor.
+    ``q`` [B, H, D], ``k``/``v`` [B, Hkv, D] -> [B, H, D].
+    """
+    meta.new_kv.append((k, v))
+    k_cache, v_cache = meta.cache.k[layer], meta.cache.v[layer]
+    B, H, D = q.shape
+    bs, Hkv = k_cache.shape[1], k_cache.shape[2]
+    T = meta.block_tables.shape[1] * bs
+    table = meta.block_tables.long().reshape(-1)
+    compute = q.dtype if q.device.type == "cuda" else torch.float32
+    keys, values = (torch.cat([c.index_select(0, table).view(B, T, Hkv, D), new[:, None]], 1)
+                    .transpose(1, 2).to(compute) for c, new in ((k_cache, k), (v_cache, v)))
+    cached = torch.arange(T, device=q.device)[None, :] < (meta.context_lens.long() - 1)[:, None]
+    visible = torch.cat([cached, cached.new_ones(B, 1)], 1)  # [B, T + 1]: the new key too
+    args = (q[:, :, None, :].to(compute), keys, values)
+    if Hkv != H:  # a branch, not enable_gqa=(Hkv != H): traced shapes may be symbolic
+        out = F.scaled_dot_product_attention(*args, attn_mask=visible[:, None, None, :], enable_gqa=True)
+    else:
+        out = F.scaled_dot_product_attention(*args, attn_mask=visible[:, None, None, :])
+    return out[:, :, 0, :].to(q.dtype)

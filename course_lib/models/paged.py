@@ -111,6 +111,7 @@ class PagedAttentionMetadata:
 
     num_decodes: int = field(init=False)
     use_triton: bool = field(init=False)
+    tensors_only = False  # class-level: see DecodeBatchMetadata
 
     def __post_init__(self) -> None:
         """Host-side values every layer needs, computed once per step: ``num_decodes``, how many
@@ -148,3 +149,29 @@ class PagedAttentionMetadata:
                    query_lens=list(query_lens),
                    logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=device),
                    backend=backend, context_lens_host=contexts)
+
+
+@dataclass
+class DecodeBatchMetadata(PagedAttentionMetadata):
+    """A decode-only step as tensors alone, for a compiled forward (``torch.compile``): one new
+    token per row, ``block_tables`` [B, W] cut to a fixed width, rows padded to a fixed batch
+    with a scratch slot. No Python list, no host-side int that changes from step to step, so
+    the traced graph is reused (see :mod:`course_lib.serving.compiled_decode`). Rows beyond the
+    real batch write their K/V into a scratch block no sequence owns and their logits are
+    dropped."""
+
+    tensors_only = True  # paged_attention takes decode_attention_tensors for this metadata
+    new_kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per layer
+
+    def __post_init__(self) -> None:  # nothing host-side to compute: the graph must not see it
+        self.num_decodes = 0
+        self.use_triton = False
+
+    def store_new_kv(self) -> None:
+        """Write every layer's new K/V (collected by the forward pass) into the cache at
+        ``slot_mapping``, one indexed copy for all layers."""
+        k = torch.stack([k for k, _ in self.new_kv])  # [layers, B, Hkv, D]
+        v = torch.stack([v for _, v in self.new_kv])
+        n_layer, _, bs, Hkv, D = self.cache.k.shape
+        self.cache.k.view(n_layer, -1, Hkv, D)[:, self.slot_mapping] = k.to(self.cache.k.dtype)
+        self.cache.v.view(n_layer, -1, Hkv, D)[:, self.slot_mapping] = v.to(self.cache.v.dtype)

@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 from course_lib.generation.sampling import next_token
 from course_lib.models.families import as_course_model
 from course_lib.models.paged import PagedAttentionMetadata, PagedKVCache
-from course_lib.runtime import triton_mode
+from course_lib.runtime import log_once, triton_mode
 from course_lib.serving.block_manager import BlockManager
+from course_lib.serving.compiled_decode import make_compiled_decode
 from course_lib.serving.detokenizer import special_token_ids
 from course_lib.serving.scheduler import Scheduler, SchedulerOutput
 from course_lib.serving.sequence import SamplingParams, Sequence, SequenceStatus
@@ -87,12 +88,17 @@ class LLMEngine:
     The cache gets ``num_blocks`` blocks of ``block_size`` tokens, or as many as fit in
     ``kv_cache_bytes``, or by default enough for ``max_num_seqs`` full-context sequences capped
     at 512 MiB on a CPU and 4 GiB on a GPU (:data:`DEFAULT_KV_BYTES`).
+
+    ``compile_decode``: run decode-only steps through ``torch.compile``
+    (:mod:`course_lib.serving.compiled_decode`; True for Inductor, or a ``torch.compile``
+    backend name). Off by default: measure whether it pays on your machine first.
     """
 
     def __init__(self, model, tokenizer=None, *, num_blocks: int | None = None, block_size: int = 16,
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 512,
                  kv_cache_bytes: int | None = None, enable_prefix_caching: bool = True,
-                 backend: str | None = None, record_steps: int = 100_000, seed: int = 0):
+                 backend: str | None = None, record_steps: int = 100_000, seed: int = 0,
+                 compile_decode: bool | str = False):
         self.model = as_course_model(model)
         self.model.eval()
         self.tokenizer = tokenizer
@@ -104,7 +110,13 @@ class LLMEngine:
                 num_blocks = max(1, kv_cache_bytes // per_block)
             else:
                 num_blocks = max(1, min(full, DEFAULT_KV_BYTES[self.device.type == "cuda"] // per_block))
-        self.cache = PagedKVCache.for_model(self.model, num_blocks, block_size)
+        # compiled decode pads its batches with rows that write into one extra, unowned block
+        self.cache = PagedKVCache.for_model(self.model, num_blocks + bool(compile_decode), block_size)
+        self.compiled = None
+        if compile_decode:
+            self.compiled = make_compiled_decode(
+                self.model, self.cache, "inductor" if compile_decode is True else compile_decode)
+        self._compiled_ran = False
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.backend = backend or default_backend(self.device)
@@ -246,6 +258,11 @@ class LLMEngine:
 
     def _forward(self, plan: SchedulerOutput) -> torch.Tensor:
         """One forward pass over every scheduled sequence's new tokens -> logits [S, vocab]."""
+        if self.compiled is not None and all(n == 1 for _, n in plan.scheduled) \
+                and self.compiled.accepts(len(plan.scheduled)):
+            logits = self._forward_compiled(plan)
+            if logits is not None:
+                return logits
         tokens: list[int] = []
         tables, starts, counts = [], [], []
         for seq, n in plan.scheduled:
@@ -259,6 +276,40 @@ class LLMEngine:
             idx = torch.tensor([tokens], dtype=torch.long, device=self.device)
         with record_function("engine.forward"):
             return self.model(idx, meta)[0]
+
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Compile the decode step now (with ``compile_decode``; a no-op otherwise), so the first
+        requests do not wait for it; a failed compile turns it off, as in :meth:`step`."""
+        if self.compiled is None:
+            return
+        try:
+            self.compiled.warm_up()
+            self._compiled_ran = True
+        except Exception as exc:
+            self._compile_failed(exc)
+
+    def _compile_failed(self, exc: Exception) -> None:
+        log_once(f"compiled decode off: compiling failed ({type(exc).__name__}: "
+                 f"{str(exc).splitlines()[0] if str(exc) else ''}); the engine runs eager")
+        self.compiled = None
+
+    def _forward_compiled(self, plan: SchedulerOutput) -> torch.Tensor | None:
+        """A decode-only step through the compiled forward; None (and eager from then on) when
+        the first compile fails, e.g. for want of a working C++ compiler."""
+        seqs = [seq for seq, _ in plan.scheduled]
+        try:
+            with record_function("engine.forward_compiled"):
+                logits = self.compiled([s.token_ids[s.num_computed_tokens] for s in seqs],
+                                       [s.num_computed_tokens for s in seqs],
+                                       [s.block_table for s in seqs])
+        except Exception as exc:
+            if self._compiled_ran:
+                raise
+            self._compile_failed(exc)
+            return None
+        self._compiled_ran = True
+        return logits
 
     def _output(self, seq: Sequence) -> RequestOutput:
         if seq.params.output_kind == "delta":  # only what is new: O(1) per token, no text

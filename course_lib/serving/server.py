@@ -85,7 +85,9 @@ def engine_loader(model: str = "tiny", quantized: str | None = None, device: str
                 raise ValueError(f"--quantized {quantized} does not fit --model {model}: {exc}") from None
         log.info("serving %s%s on %s", loaded, f" quantized from {quantized}" if quantized else "",
                  hf_model.device)
-        return LLMEngine(course_model, tokenizer, **engine_kwargs)
+        engine = LLMEngine(course_model, tokenizer, **engine_kwargs)
+        engine.warm_up()  # with --compile-decode: compile before /health says ready
+        return engine
     return load
 
 
@@ -147,7 +149,8 @@ def serve_cli(args: argparse.Namespace) -> int:
     runtime.use_cpu_threads(getattr(args, "threads", None), shared=True, device=args.device)  # + event loop
     load = engine_loader(args.model, args.quantized, args.device, num_blocks=args.num_blocks,
                          block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                         max_num_batched_tokens=args.max_num_batched_tokens, record_steps=1000)
+                         max_num_batched_tokens=args.max_num_batched_tokens, record_steps=1000,
+                         compile_decode=getattr(args, "compile_decode", False))
     holder: dict[str, DrainingServer] = {}
     try:
         app = create_app(load, args.served_model_name or args.model, api_key=args.api_key,

@@ -43,7 +43,10 @@ a max-length contiguous reservation admits (budget // max_len) against the real
 reserved slots that hold no token for each (vLLM reports < 4% for paging, 60-80% contiguous).
 
     python benchmarks/engine.py [--quick] [--models smollm2-135m tiny] [--requests N]
-                                [--batch-size 8] [--threads N]
+                                [--batch-size 8] [--threads N] [--compile-decode --out FILE]
+
+``--compile-decode`` gives the engine compiled decode steps (``LLMEngine(compile_decode=True)``,
+compiled before timing) against the same eager static batching; ``make bench`` runs without it.
 
 Writes ``benchmarks/results/engine-<machine>.json`` (one section per model under ``models``;
 the headline model's section, the first, is also copied to the top level) and a bar chart
@@ -176,7 +179,9 @@ def run_hf(hf, prompts, olens, batch_size):
 def run_engine(model, prompts, olens, num_blocks, args):
     engine = LLMEngine(model, num_blocks=num_blocks, block_size=args.block_size,
                        max_num_seqs=args.max_num_seqs,
-                       max_num_batched_tokens=args.max_num_batched_tokens)
+                       max_num_batched_tokens=args.max_num_batched_tokens,
+                       compile_decode=args.compile_decode)
+    engine.warm_up()  # --compile-decode: compile before the clock starts (a no-op otherwise)
     forward_s = [0.0]
     inner = engine._forward
 
@@ -393,6 +398,9 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--budget-tokens", type=int, default=4096, help="memory section's KV budget")
+    parser.add_argument("--compile-decode", action="store_true",
+                        help="the engine's decode steps through torch.compile (compiled before "
+                        "timing; static batching stays eager); write it with --out elsewhere")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: runtime.cpu_threads, shared: 1 on 2 cores)")
     parser.add_argument("--repeats", type=int, default=2,

@@ -7,7 +7,7 @@ printed, with no target.
     python benchmarks/peers.py [--install [--allow-build]] [--models tiny smollm2-135m]
                                [--peers vllm llamacpp] [--concurrency 1 8 32] [--rounds 3]
                                [--duration 20] [--output-len 64] [--threads 1] [--quick]
-                               [--no-fail] [--out FILE]
+                               [--ours-arg=--compile-decode] [--no-fail] [--out FILE]
 
 **Workload.** The same for every engine, driven by *our* load generator
 (``course_lib.serving.loadgen.run_load``, vLLM's ``benchmark_serving.py`` method): streaming
@@ -520,6 +520,9 @@ def main() -> int:
     parser.add_argument("--install-only", action="store_true", help="--install, measure nothing")
     parser.add_argument("--allow-build", action="store_true",
                         help="with --install: build llama-cpp-python from source (~1 h)")
+    parser.add_argument("--ours-arg", action="append", default=[],
+                        help="an extra argument for course-lib serve (repeat), e.g. "
+                        "--ours-arg=--compile-decode")
     parser.add_argument("--vllm-arg", action="append", default=[],
                         help="extra argument for vLLM's server (repeatable, e.g. "
                              "--vllm-arg=--enforce-eager)")
@@ -554,7 +557,8 @@ def main() -> int:
     for model in args.models:
         if not infos:
             break
-        ours = ServerProcess("--model", model, threads=args.threads, startup_timeout=300)
+        ours = ServerProcess("--model", model, *args.ours_arg, threads=args.threads,
+                             startup_timeout=600)
         try:
             ours.start()
         except (RuntimeError, TimeoutError) as exc:

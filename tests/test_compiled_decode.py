@@ -93,9 +93,12 @@ def test_a_failed_first_compile_falls_back_to_eager(tiny_target, capsys):
     assert "compiled decode off: compiling failed (RuntimeError: InvalidCxxCompiler" in capsys.readouterr().err
 
 
-def test_bucket_for():
+def test_buckets_and_the_cpu_batch_cap(tiny_target):
     assert [compiled_decode.bucket_for(n) for n in (1, 2, 3, 9, 256)] == [1, 2, 4, 16, 256]
     assert compiled_decode.bucket_for(257) is None
+    engine = LLMEngine(tiny_target[0], num_blocks=40, compile_decode="eager")
+    cap = compiled_decode.CPU_MAX_BATCH
+    assert engine.compiled.accepts(cap) and not engine.compiled.accepts(cap + 1)
 
 
 def test_warm_up_compiles_before_any_request_and_touches_no_owned_block(tiny_target):

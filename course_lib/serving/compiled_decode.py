@@ -24,17 +24,25 @@ measured, not assumed: ``benchmarks/engine.py --compile``.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import shutil
 from collections.abc import Sequence as Seq
 
 import torch
+import torch._inductor.config
 
 from course_lib.models.paged import DecodeBatchMetadata, PagedKVCache
 from course_lib.runtime import log_once, triton_mode
 
 #: Batch sizes a decode step is padded to (a step with more sequences runs eager).
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+#: On a CPU, larger decode steps run eager: the compiled step gathers every row's blocks in one
+#: copy and pads the tables, and at 32 rows it was slower than the eager engine's grouped
+#: attention (tiny model, 2-core EPYC: 1.37x at 1 row, 1.61x at 8, 1.18x at 16, 0.64x at 32;
+#: ``benchmarks/compiled_decode.py``).
+CPU_MAX_BATCH = 16
 
 
 def compile_unavailable(device: torch.device) -> str | None:
@@ -77,12 +85,20 @@ class CompiledDecode:
         # dynamic=None: the first shapes compile static, and a dimension seen to change (batch,
         # table width) becomes symbolic at the one recompile; model sizes stay constants
         self.forward = torch.compile(self._forward, backend=backend, mode=mode, fullgraph=True)
+        # Freezing: the weights become constants that Inductor pre-packs for oneDNN's matmuls
+        # (tiny model, 2-core CPU: 1.4-1.5x at batch 1-8 with it, ~1.0-1.1x without). It is read
+        # when a graph compiles, which may be any call (a new shape), so every call patches it.
+        self._config = (functools.partial(torch._inductor.config.patch, freezing=True)
+                        if backend == "inductor" and self.device.type == "cpu"
+                        else contextlib.nullcontext)
 
     def _forward(self, idx: torch.Tensor, meta: DecodeBatchMetadata) -> torch.Tensor:
         return self.model(idx, meta)[0]
 
     def accepts(self, num_rows: int) -> bool:
-        return bucket_for(num_rows) is not None
+        """Whether a decode step of ``num_rows`` sequences runs compiled (else eager)."""
+        limit = CPU_MAX_BATCH if self.device.type == "cpu" else BATCH_BUCKETS[-1]
+        return num_rows <= limit
 
     def __call__(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
         """Logits [len(tokens), vocab] for one new token per row at ``positions`` (its K/V goes
@@ -107,16 +123,18 @@ class CompiledDecode:
                                       device=d),
             query_lens=[], logits_indices=torch.arange(padded, device=d), backend="torch")
         idx = torch.tensor([tokens + [0] * pad], dtype=torch.long, device=d)
-        logits = self.forward(idx, meta)
+        with self._config():
+            logits = self.forward(idx, meta)
         meta.store_new_kv()  # outside the graph: the cache is written in place, once
         return logits[:rows]
 
 
     def warm_up(self) -> None:
-        """Compile now rather than in the first request's step: a batch of 1, then of 3 (its
-        recompile makes batch and width symbolic), every row writing into the scratch block."""
-        for rows in (1, 3):
-            self([0] * rows, [0] * rows, [[self.scratch_block]] * rows)
+        """Compile now rather than in the first request's step: 1 row with a table of 1 block,
+        then 3 rows with 2 (that recompile makes batch and width symbolic at once, so later
+        steps reuse the graph), every row writing into the scratch block."""
+        for rows, width in ((1, 1), (3, 2)):
+            self([0] * rows, [0] * rows, [[self.scratch_block] * width] * rows)
 
 
 def make_compiled_decode(model: torch.nn.Module, cache: PagedKVCache,

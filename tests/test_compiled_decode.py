@@ -94,7 +94,7 @@ def test_a_failed_first_compile_falls_back_to_eager(tiny_target, capsys):
 
 
 def test_buckets_and_the_cpu_batch_cap(tiny_target):
-    assert [compiled_decode.bucket_for(n) for n in (1, 2, 3, 9, 256)] == [1, 2, 4, 16, 256]
+    assert [compiled_decode.bucket_for(n) for n in (1, 2, 3, 9, 256)] == [2, 2, 4, 16, 256]
     assert compiled_decode.bucket_for(257) is None
     engine = LLMEngine(tiny_target[0], num_blocks=40, compile_decode="eager")
     cap = compiled_decode.CPU_MAX_BATCH
@@ -106,3 +106,26 @@ def test_warm_up_compiles_before_any_request_and_touches_no_owned_block(tiny_tar
     engine.warm_up()
     assert engine.cache.k[:, :16].abs().sum() == 0 and engine.cache.k[:, 16].abs().sum() > 0
     assert engine.compiled is not None and engine._compiled_ran
+
+
+def test_no_graph_compiles_while_serving_after_warm_up(tiny_target):
+    """Warm-up leaves one graph for every later decode step: batches of 1..16 rows and tables of
+    1..n blocks (sizes of 1 are padded away; batch and width become two symbols), so a served
+    step never stalls on a compile."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = tiny_target[0]
+    engine = LLMEngine(model, num_blocks=80, block_size=4, compile_decode=counting_backend)
+    engine.warm_up()
+    assert graphs, "warm-up compiled nothing"
+    compiled = len(graphs)
+    g = torch.Generator().manual_seed(1)
+    for rows in (1, 2, 5, 16):  # short prompts (1-block tables) and long ones, batch 1 included
+        prompts = [torch.randint(1, 500, (int(torch.randint(1, 40, (1,), generator=g)),),
+                                 generator=g).tolist() for _ in range(rows)]
+        engine.generate(prompts, PARAMS, progress=False)
+    assert engine.compiled is not None and len(graphs) == compiled

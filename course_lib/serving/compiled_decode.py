@@ -28,6 +28,7 @@ import contextlib
 import functools
 import os
 import shutil
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 import torch
@@ -36,8 +37,10 @@ import torch._inductor.config
 from course_lib.models.paged import DecodeBatchMetadata, PagedKVCache
 from course_lib.runtime import log_once, triton_mode
 
-#: Batch sizes a decode step is padded to (a step with more sequences runs eager).
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+#: Batch sizes a decode step is padded to (a step with more sequences runs eager). None is 1,
+#: and tables are at least 2 blocks wide: TorchDynamo specializes a dimension of size 1 (a graph
+#: of its own), so sizes of 1 would mean more graphs to compile, one of them mid-serving.
+BATCH_BUCKETS = (2, 4, 8, 16, 32, 64, 128, 256)
 #: On a CPU, larger decode steps run eager: the compiled step gathers every row's blocks in one
 #: copy and pads the tables, and at 32 rows it was slower than the eager engine's grouped
 #: attention (tiny model, 2-core EPYC: 1.37x at 1 row, 1.61x at 8, 1.18x at 16, 0.64x at 32;
@@ -74,8 +77,8 @@ class CompiledDecode:
     ("inductor" by default; tests pass "eager" to check the trace without code generation).
     """
 
-    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, *, backend: str = "inductor",
-                 mode: str | None = None):
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, *,
+                 backend: str | Callable = "inductor", mode: str | None = None):
         self.model, self.cache = model, cache
         self.scratch_block = cache.num_blocks - 1
         self.max_blocks = -(-model.config.n_positions // cache.block_size)
@@ -106,8 +109,7 @@ class CompiledDecode:
         rows, bs, scratch = len(tokens), self.cache.block_size, self.scratch_block
         padded = bucket_for(rows)
         longest = max(len(t) for t in tables)
-        width = min(1 << (longest - 1).bit_length(), self.max_blocks)
-        width = max(width, longest)
+        width = max(min(1 << (longest - 1).bit_length(), self.max_blocks), longest, 2)
         pad = padded - rows
         table = torch.full((padded, width), scratch, dtype=torch.int32)
         for i, t in enumerate(tables):
@@ -130,15 +132,16 @@ class CompiledDecode:
 
 
     def warm_up(self) -> None:
-        """Compile now rather than in the first request's step: 1 row with a table of 1 block,
-        then 3 rows with 2 (that recompile makes batch and width symbolic at once, so later
-        steps reuse the graph), every row writing into the scratch block."""
-        for rows, width in ((1, 1), (3, 2)):
+        """Compile now rather than in the first request's step: 2 rows with tables of 2 blocks,
+        then 4 rows with 8 (that recompile makes batch and width symbolic at once, as two
+        symbols since their sizes differ, so every later step reuses the graph), every row
+        writing into the scratch block."""
+        for rows, width in ((2, 2), (4, 8)):
             self([0] * rows, [0] * rows, [[self.scratch_block] * width] * rows)
 
 
 def make_compiled_decode(model: torch.nn.Module, cache: PagedKVCache,
-                         backend: str = "inductor") -> CompiledDecode | None:
+                         backend: str | Callable = "inductor") -> CompiledDecode | None:
     """A :class:`CompiledDecode`, or None (and one line saying why) where compiling cannot run."""
     reason = compile_unavailable(cache.k.device) if backend == "inductor" else None
     if reason is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -98,7 +99,7 @@ class LLMEngine:
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 512,
                  kv_cache_bytes: int | None = None, enable_prefix_caching: bool = True,
                  backend: str | None = None, record_steps: int = 100_000, seed: int = 0,
-                 compile_decode: bool | str = False):
+                 compile_decode: bool | str | Callable = False):
         self.model = as_course_model(model)
         self.model.eval()
         self.tokenizer = tokenizer

@@ -26,8 +26,8 @@ class Counted:
     def __init__(self, inner):
         self.inner, self.rows = inner, []
 
-    def accepts(self, n: int) -> bool:
-        return self.inner.accepts(n)
+    def accepts(self, n: int, max_blocks: int = 1) -> bool:
+        return self.inner.accepts(n, max_blocks)
 
     def __call__(self, tokens, positions, tables):
         self.rows.append(len(tokens))
@@ -97,8 +97,10 @@ def test_buckets_and_the_cpu_batch_cap(tiny_target):
     assert [compiled_decode.bucket_for(n) for n in (1, 2, 3, 9, 256)] == [2, 2, 4, 16, 256]
     assert compiled_decode.bucket_for(257) is None
     engine = LLMEngine(tiny_target[0], num_blocks=40, compile_decode="eager")
-    cap = compiled_decode.CPU_MAX_BATCH
+    cap, keys = compiled_decode.CPU_MAX_BATCH, compiled_decode.CPU_MAX_KEYS
     assert engine.compiled.accepts(cap) and not engine.compiled.accepts(cap + 1)
+    blocks = keys // (cap * engine.cache.block_size)  # the widest table 16 rows may have
+    assert engine.compiled.accepts(cap, blocks) and not engine.compiled.accepts(cap, blocks + 1)
 
 
 def test_warm_up_compiles_before_any_request_and_touches_no_owned_block(tiny_target):

@@ -42,10 +42,13 @@ from course_lib.runtime import log_once, triton_mode
 #: of its own), so sizes of 1 would mean more graphs to compile, one of them mid-serving.
 BATCH_BUCKETS = (2, 4, 8, 16, 32, 64, 128, 256)
 #: On a CPU, larger decode steps run eager: the compiled step gathers every row's blocks in one
-#: copy and pads the tables, and at 32 rows it was slower than the eager engine's grouped
-#: attention (tiny model, 2-core EPYC: 1.37x at 1 row, 1.61x at 8, 1.18x at 16, 0.64x at 32;
-#: ``benchmarks/compiled_decode.py``).
+#: copy and pads the tables, which the eager engine's grouped attention avoids. Measured on a
+#: 2-core EPYC: 32 rows were slower compiled (tiny model 0.64x; ``benchmarks/compiled_decode.py``),
+#: and so were 16 rows of up to 512 tokens (tiny engine workload, 0.43x), while SmolLM2's 16 rows
+#: of up to 256 (4096 padded keys) ran 2.46x static batching against 1.71x eager
+#: (``benchmarks/engine.py --compile-decode``).
 CPU_MAX_BATCH = 16
+CPU_MAX_KEYS = 4096
 
 
 def compile_unavailable(device: torch.device) -> str | None:
@@ -98,18 +101,25 @@ class CompiledDecode:
     def _forward(self, idx: torch.Tensor, meta: DecodeBatchMetadata) -> torch.Tensor:
         return self.model(idx, meta)[0]
 
-    def accepts(self, num_rows: int) -> bool:
-        """Whether a decode step of ``num_rows`` sequences runs compiled (else eager)."""
-        limit = CPU_MAX_BATCH if self.device.type == "cpu" else BATCH_BUCKETS[-1]
-        return num_rows <= limit
+    def accepts(self, num_rows: int, max_blocks: int = 1) -> bool:
+        """Whether a decode step of ``num_rows`` sequences whose longest block table has
+        ``max_blocks`` blocks runs compiled (else eager)."""
+        if self.device.type != "cpu":
+            return num_rows <= BATCH_BUCKETS[-1]
+        padded_keys = bucket_for(num_rows) * self._width(max_blocks) * self.cache.block_size
+        return num_rows <= CPU_MAX_BATCH and padded_keys <= CPU_MAX_KEYS
+
+    def _width(self, longest: int) -> int:
+        """Table width (blocks) for a step whose longest table has ``longest``: a power of two,
+        at least 2 (see :data:`BATCH_BUCKETS`)."""
+        return max(min(1 << (longest - 1).bit_length(), self.max_blocks), longest, 2)
 
     def __call__(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
         """Logits [len(tokens), vocab] for one new token per row at ``positions`` (its K/V goes
         to the slot of that position in the row's block table)."""
         rows, bs, scratch = len(tokens), self.cache.block_size, self.scratch_block
         padded = bucket_for(rows)
-        longest = max(len(t) for t in tables)
-        width = max(min(1 << (longest - 1).bit_length(), self.max_blocks), longest, 2)
+        width = self._width(max(len(t) for t in tables))
         pad = padded - rows
         table = torch.full((padded, width), scratch, dtype=torch.int32)
         for i, t in enumerate(tables):

@@ -259,8 +259,9 @@ class LLMEngine:
 
     def _forward(self, plan: SchedulerOutput) -> torch.Tensor:
         """One forward pass over every scheduled sequence's new tokens -> logits [S, vocab]."""
-        if self.compiled is not None and all(n == 1 for _, n in plan.scheduled) \
-                and self.compiled.accepts(len(plan.scheduled)):
+        if self.compiled is not None and all(n == 1 for _, n in plan.scheduled) and \
+                self.compiled.accepts(len(plan.scheduled),
+                                      max(len(s.block_table) for s, _ in plan.scheduled)):
             logits = self._forward_compiled(plan)
             if logits is not None:
                 return logits

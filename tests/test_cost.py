@@ -1,4 +1,5 @@
-"""course_lib.cost: hand-checked prices, the input/output split, and clear errors."""
+"""course_lib.cost: hand-checked prices, the input/output split, the deployment choice, and
+clear errors."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import math
 import pytest
 
 from course_lib.cost import (
+    CANDIDATE_KEYS,
     DEFAULT_INPUT_PRICE_RATIO,
     GPU_PRICES,
+    choose_deployment,
     cost_from_loadgen,
     cost_per_million_tokens,
+    decision_rows,
     gpu_price,
     quantization_effect,
     split_input_output,
@@ -156,3 +160,134 @@ def test_reads_the_keys_the_load_generator_writes():
     summary |= {"total_input_tokens": 4000, "total_output_tokens": 1000, "request_throughput": 2.0}
     got = cost_from_loadgen({"config": {}, "summary": summary, "requests": []}, hourly_usd=2.50)
     assert got["usd_per_1m_output_tokens"] == pytest.approx(3.4722, abs=1e-4)
+
+
+# --- choose_deployment / decision_rows ---------------------------------------------------------
+
+def _cand(name, weight_gb, perplexity, tokens_per_s, usd_per_million, **extra):
+    return {"name": name, "weight_gb": weight_gb, "perplexity": perplexity,
+            "tokens_per_s": tokens_per_s, "usd_per_million": usd_per_million, **extra}
+
+
+def _menu():
+    # perplexities are multiples of 1/8 over a baseline of 8: every quality loss is exact
+    # (int8: 0.015625, int4: 0.125, int3: 0.25), so the boundary tests compare exact numbers.
+    return [_cand("fp32", 4.0, 8.0, 20.0, 10.0),
+            _cand("int8", 1.0, 8.125, 30.0, 6.0),
+            _cand("int4", 0.5, 9.0, 40.0, 5.0),
+            _cand("int3", 0.5, 10.0, 40.0, 4.0)]
+
+
+def _choose(menu, **limits):
+    kwargs = {"max_weight_gb": math.inf, "max_quality_loss": math.inf, "min_tokens_per_s": 0.0}
+    got = choose_deployment(menu, **(kwargs | limits))
+    return None if got is None else got["name"]
+
+
+def test_cheapest_qualifying_candidate_wins():
+    menu = _menu()
+    assert _choose(menu) == "int3"  # no limits: the cheapest
+    assert _choose(menu, max_quality_loss=0.2) == "int4"  # int3 loses 25 %
+    assert _choose(menu, max_quality_loss=0.1) == "int8"
+    assert _choose(menu, max_quality_loss=0.01) == "fp32"
+    assert _choose(menu, max_weight_gb=0.75, max_quality_loss=0.1) is None
+    assert _choose(menu, min_tokens_per_s=25, max_weight_gb=0.9) == "int3"
+    got = choose_deployment(menu, max_weight_gb=2, max_quality_loss=0.05, min_tokens_per_s=0)
+    assert got is menu[1]  # the mapping itself, extra keys and all
+
+
+def test_limits_are_inclusive():
+    menu = _menu()
+    # exactly at each limit qualifies; a hair beyond it does not
+    assert _choose(menu, max_quality_loss=0.125) == "int4"
+    assert _choose(menu, max_quality_loss=math.nextafter(0.125, 0)) == "int8"
+    assert _choose(menu, max_weight_gb=1.0, max_quality_loss=0.1) == "int8"
+    assert _choose(menu, max_weight_gb=math.nextafter(1.0, 0), max_quality_loss=0.1) is None
+    assert _choose(menu, min_tokens_per_s=30.0, max_quality_loss=0.1) == "int8"
+    assert _choose(menu, min_tokens_per_s=math.nextafter(30.0, 99), max_quality_loss=0.1) is None
+    assert _choose(menu, max_quality_loss=0) == "fp32"  # the baseline loses nothing
+
+
+def test_ties_go_to_smaller_weight_then_name_whatever_the_order():
+    tied = [_cand("fp32", 4.0, 8.0, 10.0, 9.0), _cand("b", 2.0, 8.0, 10.0, 3.0),
+            _cand("a", 2.0, 8.0, 10.0, 3.0), _cand("c", 1.0, 8.0, 10.0, 3.0),
+            _cand("d", 0.5, 8.0, 10.0, 3.5)]
+    for order in (tied, tied[::-1], tied[2:] + tied[:2]):
+        assert _choose(order) == "c"  # price first (d is lighter but dearer), then weight
+        assert _choose([r for r in order if r["name"] != "c"]) == "a"  # then the name
+    # inf prices (nothing produced) tie too, and lose to any finite price
+    menu = [_cand("fp32", 4.0, 8.0, 0.0, math.inf), _cand("x", 1.0, 8.0, 0.0, math.inf)]
+    assert _choose(menu) == "x"
+    assert _choose([*menu, _cand("y", 9.0, 8.0, 1.0, 1e9)]) == "y"
+
+
+def test_better_than_baseline_and_other_baseline():
+    menu = [_cand("fp32", 4.0, 8.0, 10.0, 9.0), _cand("gptq", 1.0, 7.5, 10.0, 5.0)]
+    assert _choose(menu, max_quality_loss=0.0) == "gptq"  # a negative loss meets any limit
+    rows = decision_rows(menu, max_weight_gb=2, max_quality_loss=0, min_tokens_per_s=0)
+    assert rows[1]["quality_loss"] == -0.0625
+    # measured against another baseline, fp32 is 1/15 worse than gptq
+    rows = decision_rows(menu, max_weight_gb=9, max_quality_loss=0.05, min_tokens_per_s=0,
+                         baseline="gptq")
+    assert rows[0]["quality_loss"] == pytest.approx(8 / 7.5 - 1)
+    assert rows[0]["fails"] == ["max_quality_loss"] and rows[1]["qualifies"]
+
+
+def test_decision_rows_say_which_limits_fail():
+    rows = decision_rows(_menu(), max_weight_gb=0.75, max_quality_loss=0.125,
+                         min_tokens_per_s=35)
+    assert [r["name"] for r in rows] == ["fp32", "int8", "int4", "int3"]
+    assert [r["quality_loss"] for r in rows] == [0.0, 0.015625, 0.125, 0.25]
+    assert [r["fails"] for r in rows] == [
+        ["max_weight_gb", "min_tokens_per_s"], ["max_weight_gb", "min_tokens_per_s"], [],
+        ["max_quality_loss"]]
+    assert [r["qualifies"] for r in rows] == [False, False, True, False]
+    assert set(CANDIDATE_KEYS) <= set(rows[0])
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda m: m[1].pop("perplexity"), r"candidates\[1\] has no 'perplexity'"),
+    (lambda m: m[2].update(weight_gb=math.nan), r"candidates\[2\]\['weight_gb'\] must be > 0"),
+    (lambda m: m[2].update(weight_gb=0), r"candidates\[2\]\['weight_gb'\] must be > 0"),
+    (lambda m: m[3].update(tokens_per_s=-1.0), r"candidates\[3\]\['tokens_per_s'\] must be >= 0"),
+    (lambda m: m[3].update(tokens_per_s=math.inf), r"\['tokens_per_s'\] must be >= 0 and finite"),
+    (lambda m: m[0].update(perplexity=math.nan), r"candidates\[0\]\['perplexity'\] must be > 0"),
+    (lambda m: m[0].update(perplexity="8"), r"\['perplexity'\] must be a number"),
+    (lambda m: m[1].update(usd_per_million=0.0), r"\['usd_per_million'\] must be > 0 or inf"),
+    (lambda m: m[1].update(usd_per_million=-math.inf), r"\['usd_per_million'\] must be > 0 or inf"),
+    (lambda m: m[1].update(usd_per_million=math.nan), r"\['usd_per_million'\] must be > 0 or inf"),
+    (lambda m: m[1].update(usd_per_million=True), r"\['usd_per_million'\] must be a number"),
+    (lambda m: m[3].update(name="int8"), r"candidates\[3\]\['name'\] 'int8' is also the name of "
+                                         r"candidates\[1\]; names must be unique"),
+    (lambda m: m[3].update(name=""), r"candidates\[3\]\['name'\] must be a non-empty string"),
+    (lambda m: m.append("int2"), r"candidates\[4\] must be a mapping"),
+    (lambda m: m.pop(0), r"baseline 'fp32' is not the name of any candidate \(names: 'int8'"),
+])
+def test_bad_candidates_name_the_index_and_field(edit, message):
+    menu = _menu()
+    edit(menu)
+    for fn in (choose_deployment, decision_rows):
+        with pytest.raises(ValueError, match=message):
+            fn(menu, max_weight_gb=1, max_quality_loss=0.1, min_tokens_per_s=0)
+
+
+@pytest.mark.parametrize(("limits", "message"), [
+    ({"max_weight_gb": 0}, "max_weight_gb must be a number > 0"),
+    ({"max_weight_gb": math.nan}, "max_weight_gb must be a number > 0"),
+    ({"max_quality_loss": -0.01}, "max_quality_loss must be a number >= 0"),
+    ({"min_tokens_per_s": -1}, "min_tokens_per_s must be a number >= 0"),
+    ({"min_tokens_per_s": None}, "min_tokens_per_s must be a number >= 0"),
+    ({"baseline": "bf16"}, "baseline 'bf16' is not the name of any candidate"),
+])
+def test_bad_limits_are_named(limits, message):
+    kwargs = {"max_weight_gb": 1.0, "max_quality_loss": 0.1, "min_tokens_per_s": 0.0} | limits
+    with pytest.raises(ValueError, match=message):
+        choose_deployment(_menu(), **kwargs)
+
+
+def test_candidates_must_be_a_list():
+    for bad in ({"name": "fp32"}, "fp32", None):
+        with pytest.raises(ValueError, match="candidates must be a list of mappings"):
+            choose_deployment(bad, max_weight_gb=1, max_quality_loss=0.1, min_tokens_per_s=0)
+    with pytest.raises(ValueError, match=r"baseline 'fp32' is not .*\(names: none\)"):
+        choose_deployment([], max_weight_gb=1, max_quality_loss=0.1, min_tokens_per_s=0)

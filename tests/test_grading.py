@@ -645,7 +645,7 @@ def test_accept_or_resample_reports_bad_return_values(capsys) -> None:
 NOTEBOOKS = {"01_quantization_math.ipynb": 5, "02_post_training_quantization.ipynb": 5,
              "03_gptq_awq.ipynb": 3, "04_kv_cache.ipynb": 2, "05_continuous_batching.ipynb": 2,
              "06_paged_attention.ipynb": 3, "07_speculative_decoding.ipynb": 2,
-             "08_deployment_and_cost.ipynb": 3}
+             "08_deployment_and_cost.ipynb": 3, "09_end_to_end.ipynb": 1}
 
 
 def _code_cells(path: Path) -> list[str]:

@@ -1,6 +1,7 @@
-"""Chapter 8's checks (deployment and cost): right answers pass, plausible wrong ones fail,
-stubs are reported; the references agree with the load generator, the cost module and the
-running server (every validation case is sent to the real app)."""
+"""Chapter 8's checks (deployment and cost) and chapter 9's deployment choice: right answers
+pass, plausible wrong ones fail, stubs are reported; the references agree with the load
+generator, the cost module and the running server (every validation case is sent to the real
+app)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,13 @@ from check_contract import (
 from test_api import serve
 
 from course_lib import cost, grading
-from course_lib.grading import TASKS, check_cost, check_latency_metrics, check_request_validator
+from course_lib.grading import (
+    TASKS,
+    check_choose_deployment,
+    check_cost,
+    check_latency_metrics,
+    check_request_validator,
+)
 from course_lib.grading import checks_serving as cs
 from course_lib.grading.core import Context, mix_seed
 from course_lib.models.hub import load_model
@@ -469,3 +476,150 @@ def test_hidden_cases_depend_on_the_seed(check, learners, capsys) -> None:
     (visible, a), (_, b) = (map(set, visible_and_hidden_inputs(check, learners, seed))
                             for seed in HIDDEN_SEEDS)
     assert a - visible and b - visible and a - visible - b and b - visible - a
+
+
+# --- chapter 9: choosing a deployment -------------------------------------------------------
+
+
+def choose_deployment(candidates, *, max_weight_gb, max_quality_loss, min_tokens_per_s,
+                      baseline="fp32"):
+    """Written as a learner would: find the baseline, filter, sort."""
+    base = [c["perplexity"] for c in candidates if c["name"] == baseline]
+    if not base:
+        raise ValueError(f"no candidate named {baseline!r}")
+    ok = [c for c in candidates if c["weight_gb"] <= max_weight_gb
+          and (c["perplexity"] - base[0]) / base[0] <= max_quality_loss
+          and c["tokens_per_s"] >= min_tokens_per_s]
+    ok.sort(key=lambda c: (c["usd_per_million"], c["weight_gb"], c["name"]))
+    return ok[0] if ok else None
+
+
+def _deploy_variant(name, *, strict=False, quality=True, tie_break=True, copy=False):
+    def fn(candidates, *, max_weight_gb, max_quality_loss, min_tokens_per_s, baseline="fp32"):
+        base = [c["perplexity"] for c in candidates if c["name"] == baseline]
+        if not base:
+            raise ValueError(f"no candidate named {baseline!r}")
+
+        def within(value, limit):
+            return value < limit if strict else value <= limit
+
+        ok = [c for c in candidates if within(c["weight_gb"], max_weight_gb)
+              and (not quality or within(c["perplexity"] / base[0] - 1, max_quality_loss))
+              and within(min_tokens_per_s, c["tokens_per_s"])]
+        key = (lambda c: (c["usd_per_million"], c["weight_gb"], c["name"])) if tie_break \
+            else (lambda c: c["usd_per_million"])
+        best = min(ok, key=key, default=None)
+        return dict(best) if copy and best is not None else best
+    fn.__name__ = name
+    return fn
+
+
+strict_limits = _deploy_variant("strict_limits", strict=True)
+no_tie_break = _deploy_variant("no_tie_break", tie_break=False)
+cheapest_ignoring_quality = _deploy_variant("cheapest_ignoring_quality", quality=False)
+returns_a_copy = _deploy_variant("returns_a_copy", copy=True)
+
+
+def tie_break_by_name_only(candidates, **kwargs):
+    # right filter, but a price tie goes to the name alone: the weight is never looked at
+    tied = sorted(candidates, key=lambda c: (c["usd_per_million"], c["name"]))
+    best = choose_deployment(tied, **kwargs)
+    if best is None:
+        return None
+    return min((c for c in tied if c["usd_per_million"] == best["usd_per_million"]
+                and choose_deployment([c, *[x for x in tied if x["name"] == kwargs.get(
+                    "baseline", "fp32")]], **kwargs) is not None), key=lambda c: c["name"])
+
+
+def returns_the_name(candidates, **kwargs):
+    best = choose_deployment(candidates, **kwargs)
+    return best and best["name"]
+
+
+def baseline_missing_gives_none(candidates, **kwargs):
+    if not any(c["name"] == kwargs.get("baseline", "fp32") for c in candidates):
+        return None
+    return choose_deployment(candidates, **kwargs)
+
+
+def sorts_in_place(candidates, **kwargs):
+    candidates.sort(key=lambda c: c["usd_per_million"])
+    return choose_deployment(candidates, **kwargs)
+
+
+(test_choose_right_answer_passes, test_choose_wrong_answer_fails,
+ test_choose_not_implemented_is_reported) = contract_tests(
+    {check_choose_deployment: [choose_deployment, returns_a_copy, cost.choose_deployment]}, [
+        (check_choose_deployment, strict_limits, "the limits are inclusive"),
+        (check_choose_deployment, no_tie_break, "a price tie goes to the smaller weight_gb"),
+        (check_choose_deployment, cheapest_ignoring_quality, "within max_quality_loss"),
+        (check_choose_deployment, tie_break_by_name_only, "a price tie goes to the smaller "),
+        (check_choose_deployment, returns_the_name, "not its name"),
+        (check_choose_deployment, baseline_missing_gives_none, "should raise ValueError"),
+        (check_choose_deployment, sorts_in_place, "changed the candidates"),
+    ], not_implemented)
+
+(test_choose_hidden_right_answer_passes, test_choose_hardcoding_fails_hidden) = \
+    hidden_contract_tests({check_choose_deployment: [choose_deployment, cost.choose_deployment]},
+                          [(check_choose_deployment, choose_deployment, cheapest_ignoring_quality)])
+
+
+def test_choose_deployment_registry_and_wrong_messages_name_the_case(capsys) -> None:
+    tasks = {k: t for k, t in TASKS.items() if t.notebook == "09_end_to_end"}
+    assert list(tasks) == ["09.choose_deployment"]
+    task = tasks["09.choose_deployment"]
+    assert (task.names, task.check, task.points) == (("choose_deployment",),
+                                                     check_choose_deployment, 2)
+    # the first fixed case each mistake meets is the one made for it
+    result = check_choose_deployment(strict_limits, raise_on_fail=False)
+    assert result.message.startswith("the baseline itself loses nothing, so a 0 quality budget")
+    assert "expected 'fp32', got None (the limits are inclusive" in result.message
+    result = check_choose_deployment(no_tie_break, raise_on_fail=False)
+    assert result.message.startswith("a price tie goes to the smaller weight_gb")
+    result = check_choose_deployment(cheapest_ignoring_quality, raise_on_fail=False)
+    assert result.message.startswith("worked example") and "expected 'int8', got 'int3'" in \
+        result.message
+
+
+def test_deployment_cases_cover_the_edges() -> None:
+    """The visible cases reach every outcome the exercise is about, random ones included."""
+    cases = cs.deployment_cases(Context())
+    picks = [cost.choose_deployment(o, **lim) for _, o, lim in cases]
+    random_picks = picks[len(cs.DEPLOY_CASES):]
+    assert sum(p is None for p in random_picks) >= 10
+    assert sum(p is not None for p in random_picks) >= 60
+    # a limit exactly at the winner's value: a strict rule would have picked something else
+    strict = [cs._alternative(o, lim, strict=True) for _, o, lim in cases]
+    assert sum(s != (p and p["name"]) for s, p in zip(strict, picks, strict=True)) >= 15
+    no_ties = [cs._alternative(o, lim, tie_break=False) for _, o, lim in cases]
+    assert sum(t != (p and p["name"]) for t, p in zip(no_ties, picks, strict=True)) >= 5
+    assert any("baseline" not in lim for _, _, lim in cases[len(cs.DEPLOY_CASES):])
+    # every quality loss of a random case is exact (a multiple of 1/64)
+    for _, options, limits in cases[len(cs.DEPLOY_CASES):]:
+        base = next(o for o in options if o["name"] == limits.get("baseline", "fp32"))
+        for o in options:
+            loss = o["perplexity"] / base["perplexity"] - 1
+            assert loss * 64 == round(loss * 64) and loss == \
+                (o["perplexity"] - base["perplexity"]) / base["perplexity"]
+
+
+def test_choose_deployment_hidden_cases_depend_on_the_seed(capsys) -> None:
+    test_hidden_cases_depend_on_the_seed(check_choose_deployment, (choose_deployment,), capsys)
+    # and the hidden baseline's name is used, not only "fp32"
+    baselines = {kwargs.get("baseline", "fp32") for seed in HIDDEN_SEEDS for kwargs in
+                 inputs_seen(check_choose_deployment, [choose_deployment], seed,
+                             summary=lambda candidates, **kwargs: kwargs)}
+    assert baselines - {"fp32", "fp16"}
+
+
+def test_hidden_deployment_values_come_from_the_seed(monkeypatch) -> None:
+    """Not only the sizes: with every ctx.pick held at its visible value, the hidden random
+    menus still differ from the visible ones (their values come from the mixed seed)."""
+    visible = cs.deployment_cases(Context())
+    monkeypatch.setattr(Context, "pick", lambda self, shown, *hidden, seed=0: shown)
+    n_fixed = len(cs.DEPLOY_CASES)
+    for seed in HIDDEN_SEEDS:
+        hidden = cs.deployment_cases(Context(seed))
+        assert hidden[:n_fixed] == visible[:n_fixed]
+        same = sum(a == b for a, b in zip(visible[n_fixed:], hidden[n_fixed:], strict=True))
+        assert same < 0.1 * (len(visible) - n_fixed), seed

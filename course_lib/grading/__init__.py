@@ -51,6 +51,7 @@ from course_lib.grading.checks_paged import (
     check_slot_mapping,
 )
 from course_lib.grading.checks_serving import (
+    check_choose_deployment,
     check_cost,
     check_latency_metrics,
     check_request_validator,
@@ -68,6 +69,7 @@ __all__ = [
     "check_block_allocator",
     "check_cached_attention",
     "check_cached_generation",
+    "check_choose_deployment",
     "check_conv1d_to_linear",
     "check_cost",
     "check_dequantize",
@@ -144,6 +146,7 @@ TASKS: dict[str, Task] = {
     "08.cost": Task("08_deployment_and_cost", ("cost_per_million_tokens",), check_cost),
     "08.request_validator": Task("08_deployment_and_cost", ("validate_completion",),
                                  check_request_validator),
+    "09.choose_deployment": Task("09_end_to_end", ("choose_deployment",), check_choose_deployment),
 }
 
 

@@ -1,4 +1,4 @@
-"""Checks for the exercises of chapter 8 (deployment and cost).
+"""Checks for the exercises of chapter 8 (deployment and cost) and of the capstone, chapter 9.
 
 The references are plain Python written here, not calls into ``course_lib.serving`` or
 ``course_lib.cost``, so a check keeps meaning the same thing while the library changes; the
@@ -12,6 +12,13 @@ tests compare them with the library (and the request validator with the running 
 * **request validation** (:func:`reference_validate_completion`): the status code and the
   ``param`` of the error the course's server answers to a ``/v1/completions`` body.
 
+The capstone's **deployment choice** (:func:`check_choose_deployment`) is graded against
+:func:`course_lib.cost.choose_deployment` itself: that function *is* the course's decision rule
+(notebook 09 uses it to build its decision table), so the check cannot drift from it. Its random
+cases are drawn so that every comparison is exact: perplexities are a power of two times
+(64 + j) / 64, so any sound way of computing the quality loss gives the same float, and limits
+are often set exactly at a candidate's value to test that they are inclusive.
+
 Hidden cases (``hidden_seed``) keep the hand-written cases and draw every random one from the
 instructor's seed, with other sizes and ranges too: more or fewer token times and requests,
 other prices and throughputs, and for the validator another context length, model name and
@@ -22,11 +29,12 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
+from course_lib.cost import choose_deployment as library_choose_deployment
 from course_lib.grading.core import Context, check
 
-POINTS = {"latency_metrics": 2, "cost": 1, "request_validator": 2}
+POINTS = {"latency_metrics": 2, "cost": 1, "request_validator": 2, "choose_deployment": 2}
 
 RANDOM_CASES = 200
 
@@ -536,3 +544,211 @@ def _body_summary(body: dict) -> str:
         else:
             parts.append(f"{key}={value!r}")
     return ", ".join(parts) or "no fields"
+
+
+# --- 4. choosing a deployment (chapter 9) -----------------------------------------------------
+
+#: The three requirements, in the order messages list them.
+LIMITS = ("max_weight_gb", "max_quality_loss", "min_tokens_per_s")
+
+
+def _option(name: str, weight_gb: float, perplexity: float, tokens_per_s: float,
+            usd_per_million: float) -> dict:
+    return {"name": name, "weight_gb": weight_gb, "perplexity": perplexity,
+            "tokens_per_s": tokens_per_s, "usd_per_million": usd_per_million}
+
+
+#: Four builds of one model; perplexities over the baseline 8.0 are multiples of 1/8, so the
+#: quality losses are exact: int8 1/64, int4 1/8, int3 1/4.
+MENU = [_option("fp32", 4.0, 8.0, 20.0, 10.0), _option("int8", 1.0, 8.125, 30.0, 6.0),
+        _option("int4", 0.5, 9.0, 40.0, 5.0), _option("int3", 0.5, 10.0, 40.0, 4.0)]
+_TIES = [_option("fp32", 4.0, 8.0, 10.0, 9.0), _option("w8", 2.0, 8.0, 10.0, 3.0),
+         _option("awq", 2.0, 8.0, 10.0, 3.0), _option("gptq", 1.0, 8.0, 10.0, 3.0),
+         _option("w3", 0.5, 8.0, 10.0, 3.5)]
+_INF = math.inf
+
+
+def _limits(max_weight_gb: float = _INF, max_quality_loss: float = _INF,
+            min_tokens_per_s: float = 0.0, **baseline: str) -> dict:
+    return {"max_weight_gb": max_weight_gb, "max_quality_loss": max_quality_loss,
+            "min_tokens_per_s": min_tokens_per_s, **baseline}
+
+
+#: (what the case is about, candidates, keyword arguments)
+DEPLOY_CASES = [
+    ("worked example: at most 2 GB and 5% worse", MENU, _limits(2.0, 0.05)),
+    ("no limits: the cheapest of all", MENU, _limits()),
+    ("quality first: within 1% of the baseline", MENU, _limits(max_quality_loss=0.01)),
+    ("the baseline itself loses nothing, so a 0 quality budget keeps it", MENU,
+     _limits(max_quality_loss=0.0)),
+    ("a quality loss exactly at the limit qualifies (<=)", MENU, _limits(max_quality_loss=0.125)),
+    ("a weight exactly at the limit qualifies (<=)", MENU, _limits(1.0, 0.1)),
+    ("tokens/s exactly at the minimum qualifies (>=)", MENU, _limits(max_quality_loss=0.1,
+                                                                     min_tokens_per_s=30.0)),
+    ("fast and small but loose on quality", MENU, _limits(0.75, 0.3, 35.0)),
+    ("nothing qualifies: None", MENU, _limits(0.75, 0.1)),
+    ("nothing is fast enough: None", MENU, _limits(min_tokens_per_s=41.0)),
+    ("a price tie goes to the smaller weight_gb", _TIES, _limits()),
+    ("a price and weight tie goes to the name, alphabetically", _TIES[:3], _limits()),
+    ("the order of the list does not matter", [_TIES[1], _TIES[0],
+                                               _option("gptq", 2.0, 8.0, 10.0, 3.0), _TIES[2]],
+     _limits()),
+    ("the baseline is too heavy but still measures quality", MENU[::-1], _limits(0.6, 0.2)),
+    ("better than the baseline: a negative loss meets any quality limit",
+     [_option("fp32", 4.0, 8.0, 10.0, 9.0), _option("gptq", 1.0, 7.5, 10.0, 5.0)],
+     _limits(max_quality_loss=0.0)),
+    ("another baseline, by name", [_option("bf16", 2.0, 16.0, 12.0, 7.0),
+                                   _option("int8", 1.0, 16.5, 14.0, 6.0),
+                                   _option("int4", 0.5, 18.0, 16.0, 4.0)],
+     _limits(max_quality_loss=0.05, baseline="bf16")),
+    ("a candidate that produced nothing costs inf and never wins a price",
+     [_option("fp32", 4.0, 8.0, 10.0, 9.0), _option("broken", 0.5, 8.0, 0.0, _INF)],
+     _limits()),
+]
+
+#: (what the case is about, candidates, keyword arguments) that must raise ValueError
+DEPLOY_ERRORS = [
+    ("no candidate is named baseline='fp32'", MENU[1:], _limits(2.0, 0.05)),
+    ("no candidate is named baseline='fp16'", MENU, _limits(2.0, 0.05, baseline="fp16")),
+]
+
+_NAMES = ("int8", "int4", "w4a16", "gptq-w4", "awq-w4", "w8a8", "int3", "nf4", "fp8", "gptq-w3")
+
+
+def random_deployment_case(rng: random.Random, max_options: int = 6, baseline: str = "fp32",
+                           base_perplexities: Sequence[float] = (8.0, 16.0, 32.0),
+                           weights: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0),
+                           prices: Sequence[float] = (1.0, 2.0, 3.0, 5.0, 8.0)) -> tuple:
+    """(candidates, keyword arguments) with exact figures, frequent ties and limits often set
+    exactly at a candidate's value."""
+    base = rng.choice(base_perplexities)
+    names = [baseline, *rng.sample(_NAMES, rng.randint(0, min(max_options, len(_NAMES)) - 1))]
+    rng.shuffle(names)
+    options, losses = [], []
+    for name in names:
+        j = 0 if name == baseline else rng.randint(-3, 24)
+        losses.append(j / 64)
+        tps = rng.choice([0.0, 5.0, 10.0, 20.0, round(rng.uniform(1, 50), 3)]) \
+            if rng.random() < 0.9 else 0.0
+        price = _INF if tps == 0 else rng.choice([*prices, round(rng.uniform(0.5, 10), 2)])
+        options.append(_option(name, rng.choice(weights), base * (64 + j) / 64, tps, price))
+
+    def at_a_value(values, *others):
+        return rng.choice([*values, *others])
+
+    limits = _limits(
+        at_a_value([o["weight_gb"] for o in options], _INF, round(rng.uniform(0.2, 5), 3)),
+        at_a_value([v for v in losses if v >= 0], _INF, 0.0, rng.randint(0, 30) / 64),
+        at_a_value([o["tokens_per_s"] for o in options], 0.0, round(rng.uniform(0, 40), 3)))
+    if baseline != "fp32" or rng.random() < 0.5:
+        limits["baseline"] = baseline
+    return options, limits
+
+
+def deployment_cases(ctx: Context) -> list[tuple[str, list[dict], dict]]:
+    """:data:`DEPLOY_CASES`, then random ones; hidden ones draw their sizes, baseline name,
+    figures and count from the instructor's seed."""
+    rng = ctx.rng(901)
+    max_options = ctx.pick(6, 3, 5, 8, 11, seed=902)
+    baseline = ctx.pick("fp32", "fp16", "bf16", "fp32", "base", seed=903)
+    bases = ctx.pick((8.0, 16.0, 32.0), (4.0, 64.0), (2.0, 8.0, 128.0), seed=904)
+    weights = ctx.pick((0.25, 0.5, 1.0, 2.0, 4.0), (0.125, 0.75, 1.5, 3.0), (0.5, 1.0, 6.0, 14.0),
+                       seed=905)
+    prices = ctx.pick((1.0, 2.0, 3.0, 5.0, 8.0), (0.5, 1.25, 4.0), (2.0, 2.5, 6.0, 9.0, 20.0),
+                      seed=906)
+    count = ctx.pick(150, 120, 160, 200, seed=907)
+    return list(DEPLOY_CASES) + [
+        (f"random case {i}", *random_deployment_case(rng, max_options, baseline, bases, weights,
+                                                     prices))
+        for i in range(count)]
+
+
+def _describe_options(options: Sequence[dict]) -> str:
+    return "; ".join(f"{o['name']} {o['weight_gb']:g} GB ppl {o['perplexity']:g} "
+                     f"{o['tokens_per_s']:g} tok/s ${o['usd_per_million']:g}" for o in options)
+
+
+def _alternative(options: Sequence[dict], limits: dict, *, strict: bool = False,
+                 quality: bool = True, tie_break: bool = True) -> str | None:
+    """The name a typical wrong rule picks (to say which mistake a wrong answer makes)."""
+    base = next(o["perplexity"] for o in options if o["name"] == limits.get("baseline", "fp32"))
+
+    def within(value, limit, smaller):
+        if strict:
+            return value < limit if smaller else value > limit
+        return value <= limit if smaller else value >= limit
+
+    ok = [o for o in options
+          if within(o["weight_gb"], limits["max_weight_gb"], True)
+          and (not quality or within(o["perplexity"] / base - 1, limits["max_quality_loss"], True))
+          and within(o["tokens_per_s"], limits["min_tokens_per_s"], False)]
+    if not ok:
+        return None
+    key = (lambda o: (o["usd_per_million"], o["weight_gb"], o["name"])) if tie_break else \
+        (lambda o: o["usd_per_million"])
+    return min(ok, key=key)["name"]
+
+
+def _hint_deployment(got: str | None, want: str | None, options, limits) -> str:
+    hints = [(dict(strict=True), " (the limits are inclusive: a candidate exactly at a limit "
+                                 "qualifies)"),
+             (dict(quality=False), " (a candidate must also keep its quality loss, perplexity / "
+                                   "the baseline's perplexity - 1, within max_quality_loss)"),
+             (dict(tie_break=False), " (a price tie goes to the smaller weight_gb, then to the "
+                                     "name in alphabetical order, whatever the list's order)")]
+    for kwargs, hint in hints:
+        if got != want and _alternative(options, limits, **kwargs) == got:
+            return hint
+    return ""
+
+
+def _name_of(ctx: Context, got) -> str | None:
+    if got is None:
+        return None
+    if isinstance(got, str):
+        ctx.fail(f"return the chosen candidate (its dict), not its name {got!r}")
+    if not isinstance(got, Mapping) or "name" not in got:
+        ctx.fail(f"expected one of the candidates (a dict with a 'name') or None, got "
+                 f"{type(got).__name__}")
+    return got["name"]
+
+
+def _compare_deployment(ctx: Context, fn, options: list[dict], limits: dict) -> None:
+    want = library_choose_deployment(options, **limits)
+    want = None if want is None else want["name"]
+    given = [dict(o) for o in options]
+    got = _name_of(ctx, fn(given, **limits))
+    if given != options:
+        ctx.fail("your function changed the candidates it was given")
+    if got != want:
+        what = "None (nothing qualifies)" if want is None else repr(want)
+        ctx.fail(f"expected {what}, got {'None' if got is None else repr(got)}"
+                 f"{_hint_deployment(got, want, options, limits)}")
+
+
+def _describe_limits(limits: dict) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v!r}"
+                     for k, v in limits.items())
+
+
+@check("choose a deployment", POINTS["choose_deployment"])
+def check_choose_deployment(ctx: Context, fn) -> None:
+    """``fn(candidates, *, max_weight_gb, max_quality_loss, min_tokens_per_s, baseline="fp32")``
+    picks the candidate :func:`course_lib.cost.choose_deployment` picks (or None), and raises
+    ValueError when no candidate is named ``baseline``."""
+    for label, options, limits in deployment_cases(ctx):
+        detail = f"{_describe_limits(limits)}; {len(options)} candidates"
+        if not label.startswith("random"):
+            detail = f"{_describe_limits(limits)}; candidates: {_describe_options(options)}"
+        ctx.case = f"{label} ({detail})"
+        _compare_deployment(ctx, fn, options, limits)
+    for label, options, limits in DEPLOY_ERRORS:
+        ctx.case = f"{label} ({_describe_limits(limits)})"
+        try:
+            got = fn([dict(o) for o in options], **limits)
+        except ValueError:
+            continue
+        except (KeyError, StopIteration, IndexError) as exc:
+            ctx.fail(f"raised {type(exc).__name__}; raise ValueError with a message naming the "
+                     f"missing baseline instead")
+        ctx.fail(f"should raise ValueError (quality loss needs the baseline), returned {got!r}")

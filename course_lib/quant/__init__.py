@@ -1,1 +1,5 @@
-"""Quantization: affine math, observers, quantized layers, PTQ, GPTQ and AWQ."""
+"""Quantization: affine math, observers, quantized layers, PTQ, QAT, GPTQ and AWQ.
+
+Submodules are imported by name (``from course_lib.quant import qat``), not here, so that
+``import course_lib.quant.affine`` stays light.
+"""

@@ -220,6 +220,12 @@ def _add_grade(sub) -> None:
     g.set_defaults(func=_grade)
 
 
+def _sync_notebooks(args) -> int:
+    from course_lib.notebook_setup import main as sync_main
+
+    return sync_main(check=args.check)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="course-lib", description="LLM inference optimization course: tools for learners, instructors and graders."
@@ -235,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--exercises", default="exercises", help="folder to write exercises to (default: exercises)")
     build.add_argument("--check", action="store_true", help="write nothing; exit 1 if exercises/ is out of date")
     build.set_defaults(func=_build_exercises)
+    sync = sub.add_parser("sync-notebooks", help="regenerate every notebook's Colab setup cell and time-to-run "
+                          "line (from pyproject.toml and benchmarks/results)")
+    sync.add_argument("--check", action="store_true", help="write nothing; exit 1 if a notebook is out of date")
+    sync.set_defaults(func=_sync_notebooks)
     _add_quantize(sub)
     _add_serving(sub)
     _add_grade(sub)

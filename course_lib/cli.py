@@ -116,8 +116,8 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, ... (default: CUDA if present)")
     p.add_argument("--compile-decode", action="store_true",
                    help="run decode steps through torch.compile (compiled before the server is "
-                   "ready; off by default: measure first, it did not pay on a 2-core CPU beyond "
-                   "batch 1)")
+                   "ready, which takes minutes on a CPU; off by default; on a CPU only steps of up to 16 "
+                   "sequences go compiled: benchmarks/compiled_decode.py measures the gain)")
     p.add_argument("--threads", type=_positive, default=None,
                    help="torch threads on a CPU (default: the course's rule, runtime.cpu_threads: "
                    "the usable cores minus one for the event loop, or $COURSE_THREADS)")

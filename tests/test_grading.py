@@ -44,6 +44,7 @@ from course_lib.grading import (
     checks_generation,
 )
 from course_lib.grading.core import Context
+from course_lib.notebook_setup import SETUP_MARKER
 from course_lib.quant import affine, ptq
 from course_lib.quant.qlinear import QuantLinear
 
@@ -649,7 +650,9 @@ NOTEBOOKS = {"01_quantization_math.ipynb": 5, "02_post_training_quantization.ipy
 
 
 def _code_cells(path: Path) -> list[str]:
-    return [c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+    """The notebook's code cells, less the generated Colab setup cell (it installs nothing here)."""
+    return [c.source for c in nbformat.read(path, as_version=4).cells
+            if c.cell_type == "code" and not c.source.startswith(SETUP_MARKER)]
 
 
 def _run_cell(source: str, filename: str, namespace: dict) -> None:

@@ -357,6 +357,7 @@ def engine_status(name: str, model: str | os.PathLike = "smollm2-135m") -> Engin
     _check_engine(name)
     model_name, quantized = resolve_model(model)
     try:
+        _check_format(name, model_name, quantized)  # first: installing would not help
         runtime = find_runtime(name)
     except EngineError as exc:
         return EngineStatus(name, False, None, str(exc))
@@ -367,12 +368,17 @@ def engine_status(name: str, model: str | os.PathLike = "smollm2-135m") -> Engin
     return EngineStatus(name, True, runtime.version, f"runs from {runtime.where}")
 
 
-def _check_files(name: str, model: str, quantized: Path | None) -> None:
-    """Raise when ``model``'s files for ``name`` are missing (nothing is converted here)."""
+def _check_format(name: str, model: str, quantized: Path | None) -> None:
+    """Raise when ``name`` cannot read the checkpoint's format at all (only course-lib reads ours)."""
     if quantized is not None and name != "course-lib":
         raise EngineError(f"{name} cannot read a course_lib quantized checkpoint ({quantized}); "
                           f"serve it with course-lib, or give {name} the float model "
                           f"{model!r} by name")
+
+
+def _check_files(name: str, model: str, quantized: Path | None) -> None:
+    """Raise when ``model``'s files for ``name`` are missing (nothing is converted here)."""
+    _check_format(name, model, quantized)
     if model == "smollm2-135m":
         from course_lib.models.gguf import GGUFError, smollm2_gguf
 
@@ -504,6 +510,7 @@ def serve_engine(name: str, model: str | os.PathLike, *, threads: int = 1,
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     model_name, quantized = resolve_model(model)
+    _check_format(name, model_name, quantized)
     runtime = find_runtime(name)
     _check_files(name, model_name, quantized)
     cmd, env = _command(name, model_name, quantized, runtime, threads, extra_args)

@@ -15,7 +15,14 @@ from grading_fixtures import CH01, EXPECTED, build_fixture_submissions
 
 from course_lib import cli
 from course_lib.grading import TASKS
-from course_lib.grading.grader import chapter_of, find_submissions
+from course_lib.grading.grader import (
+    LibraryGuard,
+    _parse_stream,
+    _read_capped,
+    chapter_of,
+    find_submissions,
+    validate_results,
+)
 from course_lib.grading.notebook_runner import run_notebook
 
 CELL_TIMEOUT = 20  # s; the slowest cell of solutions/01 in fast mode takes a few seconds
@@ -166,3 +173,85 @@ def test_grade_without_the_notebook_packages_says_which_extra(monkeypatch, tmp_p
         cli.main(["grade", str(tmp_path)])
     assert str(info.value) == ("course-lib grade needs the notebooks extra (nbclient is missing): "
                                "pip install 'course_lib[notebooks]'")
+
+
+# --- what a runner reports is checked before it counts --------------------------------------
+
+CH01_TASKS = [t for t in TASKS if t.startswith("01.")]
+
+
+def _row(task: str, status: str = "pass", points=None, message="") -> dict:
+    points = TASKS[task].points if points is None else points
+    return {"task": task, "status": status, "points": points, "message": message}
+
+
+def test_forged_results_are_replaced_by_errors() -> None:
+    good = _row("01.dequantize")
+    rows = [good, _row("01.pack_int4", points=1008), _row("01.symmetric_quantize", points="2"),
+            _row("01.asymmetric_quantize", status="great"),
+            _row("01.per_group_quantize", status="fail", points=3),
+            _row("08.cost"), _row("01.dequantize", status="fail", points=0), "not a row", None]
+    results, problems = validate_results(rows, CH01_TASKS)
+    by_task = {r["task"]: r for r in results}
+    assert [r["task"] for r in results] == CH01_TASKS  # one result per task, in order
+    assert by_task["01.dequantize"]["points"] == 1 and by_task["01.dequantize"]["passed"]
+    for task in ("01.pack_int4", "01.symmetric_quantize", "01.asymmetric_quantize",
+                 "01.per_group_quantize"):
+        assert (by_task[task]["status"], by_task[task]["points"]) == ("error", 0), task
+        assert by_task[task]["max_points"] == TASKS[task].points
+    assert len(problems) == 8  # four invalid, 08.cost, the duplicate, two non-rows
+    assert sum(r["points"] for r in results) == 1
+
+
+def test_a_pass_must_carry_exactly_the_tasks_points() -> None:
+    results, problems = validate_results([_row("01.per_group_quantize", points=2)],
+                                         ["01.per_group_quantize"])
+    assert results[0]["status"] == "error" and problems
+
+
+def test_only_lines_with_the_runners_token_count() -> None:
+    real = {"results": [_row("01.dequantize")], "events": []}
+    forged = {"results": [_row("01.dequantize", points=1008)], "events": []}
+    lines = [json.dumps({"token": "secret", "event": {"cell": 3, "kind": "error",
+                                                      "message": "x"}}),
+             json.dumps({"token": "guess", "report": forged}), "garbage {",
+             json.dumps({"token": "secret", "report": real}),
+             json.dumps({"token": "guess", "report": forged})]
+    report, events = _parse_stream("\n".join(lines).encode(), "secret")
+    assert report == real and events == [{"cell": 3, "kind": "error", "message": "x"}]
+    assert _parse_stream(b"\n".join(line.encode() for line in lines[:3]), "secret")[0] is None
+
+
+def test_a_runner_that_prints_without_end_is_read_within_the_cap() -> None:
+    import io
+
+    class Endless(io.RawIOBase):
+        def __init__(self, total: int) -> None:
+            self.left = total
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buf) -> int:
+            n = min(len(buf), self.left)
+            buf[:n] = b"x" * n
+            self.left -= n
+            return n
+
+    stream = io.BufferedReader(Endless(64 * 1024 ** 2))
+    assert len(_read_capped(stream, 1024 ** 2, keep_tail=False)) == 1024 ** 2
+    stream = io.BufferedReader(Endless(8 * 1024 ** 2))
+    assert len(_read_capped(stream, 1000, keep_tail=True)) == 1000
+
+
+def test_the_library_guard_undoes_a_submissions_changes(tmp_path) -> None:
+    lib = tmp_path / "lib"
+    (lib / "grading").mkdir(parents=True)
+    (lib / "grading" / "checks.py").write_text("ORIGINAL = True\n")
+    guard = LibraryGuard(lib)
+    (lib / "grading" / "checks.py").write_text("ORIGINAL = False\n")
+    (lib / "grading" / "_pwned.py").write_text("x = 1\n")
+    assert guard.restore() == ["added grading/_pwned.py", "changed grading/checks.py"]
+    assert (lib / "grading" / "checks.py").read_text() == "ORIGINAL = True\n"
+    assert not (lib / "grading" / "_pwned.py").exists()
+    assert guard.restore() == []

@@ -32,6 +32,7 @@ from course_lib.grading.core import (
     expect_codes,
     expect_scalar,
     expect_tensor,
+    instance_vars,
     unpack_tuple,
 )
 from course_lib.quant import affine
@@ -343,7 +344,7 @@ def _seeded_linear(k: int, n: int, bias: bool, seed: int) -> nn.Linear:
 
 def _float_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     found = list(module.state_dict().items())
-    found += [(name, v) for name, v in vars(module).items() if isinstance(v, torch.Tensor)]
+    found += [(name, v) for name, v in instance_vars(module).items() if isinstance(v, torch.Tensor)]
     return [(name, t) for name, t in found if t.is_floating_point()]
 
 
@@ -413,6 +414,7 @@ def check_conv1d_to_linear(ctx: Context, fn) -> None:
                 conv.weight.normal_()
                 conv.bias.normal_()
         original = conv.weight.detach().clone()
+        original_bias = conv.bias.detach().clone()
         linear = fn(conv)
         if not isinstance(linear, nn.Linear):
             ctx.fail(f"expected an nn.Linear, got {type(linear).__name__}")
@@ -422,8 +424,9 @@ def check_conv1d_to_linear(ctx: Context, fn) -> None:
         expect_tensor(ctx, linear.weight, "linear.weight", shape=(n, k))
         if linear.bias is None:
             ctx.fail("the Linear has no bias; copy the Conv1D's bias")
-        if not torch.equal(conv.weight.detach(), original):
-            ctx.fail("the Conv1D's weight was changed; copy it instead")
+        if not torch.equal(conv.weight.detach(), original) or \
+                not torch.equal(conv.bias.detach(), original_bias):
+            ctx.fail("the Conv1D's weight or bias was changed; copy them instead")
         x = _randn(gen, *batch, k)
         with torch.no_grad():
             got = expect_tensor(ctx, linear(x), "Linear output")

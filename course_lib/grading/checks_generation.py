@@ -21,7 +21,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from course_lib.grading.core import Context, check, expect_close, expect_tensor, unpack_tuple
+from course_lib.grading.core import (
+    Context,
+    call_many,
+    check,
+    expect_close,
+    expect_tensor,
+    unpack_tuple,
+)
 from course_lib.models.gpt import GPT, GPTConfig
 
 POINTS = {
@@ -265,7 +272,12 @@ def _token_value(ctx: Context, value, what: str) -> int:
 
 
 def _call_step(ctx: Context, fn, p, q, draft: int, generator) -> tuple[bool, int]:
-    out = unpack_tuple(ctx, fn(p, q, draft, generator), 2, "accepted, token")
+    return _step_result(ctx, fn(p, q, draft, generator), p, draft)
+
+
+def _step_result(ctx: Context, out, p, draft: int) -> tuple[bool, int]:
+    """Check one ``(accepted, token)`` answer for ``draft``."""
+    out = unpack_tuple(ctx, out, 2, "accepted, token")
     accepted = _bool_value(ctx, out[0], "accepted")
     token = _token_value(ctx, out[1], "token")
     if not 0 <= token < p.shape[-1]:
@@ -409,8 +421,9 @@ def sample_accept_or_resample(ctx: Context, fn, p: torch.Tensor, q: torch.Tensor
     p_in, q_in = p.clone(), q.clone()
     counts = [0] * p.shape[0]
     accepted_total = 0
-    for draft in drafts:
-        accepted, token = _call_step(ctx, fn, p_in, q_in, draft, fn_gen)
+    answers = call_many(fn, [(p_in, q_in, draft, fn_gen) for draft in drafts])
+    for draft, out in zip(drafts, answers, strict=False):
+        accepted, token = _step_result(ctx, out, p_in, draft)
         counts[token] += 1
         accepted_total += accepted
     if not (torch.equal(p_in, p) and torch.equal(q_in, q)):
@@ -467,7 +480,9 @@ def _uses_generator(ctx: Context, fn) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(global_seed)
             gen = ctx.generator(703)
-            runs.append([_call_step(ctx, fn, p.clone(), q.clone(), d % 4, gen) for d in range(60)])
+            calls = [(p.clone(), q.clone(), d % 4, gen) for d in range(60)]
+            runs.append([_step_result(ctx, out, p, d % 4)
+                         for d, out in zip(range(60), call_many(fn, calls), strict=False)])
     if runs[0] != runs[1]:
         ctx.fail("the results differ: draw every random number from the generator you are given, "
                  "e.g. torch.rand((), generator=generator) and "

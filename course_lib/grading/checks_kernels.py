@@ -13,7 +13,7 @@ memory sits there. Just past the tensor that is silent corruption; far away it i
 that takes the notebook's kernel down. So, under the interpreter, the check watches every
 load and store of the launches it runs (:class:`KernelWatch`) and stops the kernel, with a
 message naming the tensor and the row, at the first access outside the tensors it was given;
-it also stops kernels that run past :data:`TIME_LIMIT_S` in all. On a GPU (native Triton) that
+it also stops a launch that runs past :data:`TIME_LIMIT_S`. On a GPU (native Triton) that
 watch is not possible, and two plain tests catch the same bugs: every tensor the kernel gets
 is a view into a larger buffer, ``out``'s surroundings filled with a canary value that must
 survive, the inputs' surroundings with poison (NaN scales) that shows in the output if read.
@@ -36,13 +36,20 @@ import numpy as np
 import torch
 
 from course_lib import runtime
-from course_lib.grading.core import CheckResult, Context, check, expect_close
+from course_lib.grading.core import (
+    CheckResult,
+    Context,
+    check,
+    expect_close,
+    expect_tensor,
+    in_learner_process,
+)
 from course_lib.kernels.w4a16 import w4a16_dequantize_reference
 from course_lib.quant import affine
 
 POINTS = {"int4_dequantize_kernel": 3}
 
-#: Seconds the learner's launches may run in one pass of the check (visible or hidden cases):
+#: Seconds one call of the learner's launcher may run under the interpreter:
 #: the interpreter runs programs one by one, and the grader stops a check after 120 s.
 TIME_LIMIT_S = 40.0
 #: What ``out`` and the rows around it hold before the launch; no right answer is ever this.
@@ -251,8 +258,9 @@ def _raised_in_triton(exc: BaseException) -> bool:
     return bool(frames) and f"{os.sep}triton{os.sep}" in frames[-1].filename
 
 
-def _call_launcher(ctx: Context, watch: KernelWatch, fn, *args) -> None:
-    """Run the learner's launcher once under ``watch``; turn what went wrong into a message."""
+def _call_launcher(watch: KernelWatch, fn, *args) -> str | None:
+    """Run the learner's launcher once under ``watch``: what went wrong as a message (None if
+    nothing did); the learner's own exceptions propagate."""
     watch.start_call()
     try:
         fn(*args)
@@ -260,7 +268,7 @@ def _call_launcher(ctx: Context, watch: KernelWatch, fn, *args) -> None:
         chain = list(_causes(exc))
         for cause in chain:
             if isinstance(cause, (OutOfBounds, TooSlow)):
-                ctx.fail(f"{cause}{'' if isinstance(cause, TooSlow) else _MASK_HINT}")
+                return f"{cause}{'' if isinstance(cause, TooSlow) else _MASK_HINT}"
         # the interpreter wraps a kernel's exception (once per @triton.jit call): report the
         # kernel's own, with the kernel's line (a NotImplementedError stub reads "not implemented")
         inner = next((c for c in chain if type(c).__name__ != "InterpreterError"), exc)
@@ -270,7 +278,21 @@ def _call_launcher(ctx: Context, watch: KernelWatch, fn, *args) -> None:
             raise
         raise inner from None
     if watch.violation:  # the launcher caught the exception itself
-        ctx.fail(watch.violation + _MASK_HINT)
+        return watch.violation + _MASK_HINT
+    return None
+
+
+def launch_in_buffers(fn, buffers: list[torch.Tensor], n: int, group_size: int) -> dict:
+    """Run ``fn(qweight, scales, zeros, group_size, out)`` on views into the padded ``buffers``
+    under a :class:`KernelWatch`, where the learner's code runs (the student's kernel when
+    grading): the buffers afterwards, the launches counted and a failure message or None."""
+    device = runtime.get_device() if runtime.triton_mode() == "native" else torch.device("cpu")
+    buffers = [b.to(device) for b in buffers]
+    views = [b[PAD_BEFORE:PAD_BEFORE + n] for b in buffers]
+    with KernelWatch() as watch:
+        failure = _call_launcher(watch, fn, *views[:3], group_size, views[3])
+    return {"buffers": [b.cpu() for b in buffers], "launches": watch.launches,
+            "counting": watch.counting, "failure": failure}
 
 
 _MASK_HINT = "; every tl.load and tl.store needs a mask (offs_n < N, offs_k < K)"
@@ -279,13 +301,11 @@ _MASK_HINT = "; every tl.load and tl.store needs a mask (offs_n < N, offs_k < K)
 # --- the exercise: per-group int4 dequantize ----------------------------------------------------
 
 
-def _padded(t: torch.Tensor, fill, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(buffer, view): ``t`` copied into rows PAD_BEFORE.. of a buffer filled with ``fill``."""
-    buf = torch.full((PAD_BEFORE + t.shape[0] + PAD_AFTER, *t.shape[1:]), fill, dtype=t.dtype,
-                     device=device)
-    view = buf[PAD_BEFORE:PAD_BEFORE + t.shape[0]]
-    view.copy_(t)
-    return buf, view
+def _padded(t: torch.Tensor, fill) -> torch.Tensor:
+    """A buffer filled with ``fill`` holding ``t`` in rows PAD_BEFORE .. PAD_BEFORE + len(t)."""
+    buf = torch.full((PAD_BEFORE + t.shape[0] + PAD_AFTER, *t.shape[1:]), fill, dtype=t.dtype)
+    buf[PAD_BEFORE:PAD_BEFORE + t.shape[0]] = t
+    return buf
 
 
 def _inputs(label: str, n: int, k: int, g: int, gen: torch.Generator):
@@ -328,13 +348,13 @@ def _needs_triton(run):
             raise AssertionError(str(result))
         return result
 
+    wrapper.unavailable = lambda: NO_TRITON if runtime.triton_mode() == "torch" else None
     return wrapper
 
 
 @_needs_triton
 @check("int4 dequantize kernel", POINTS["int4_dequantize_kernel"])
 def check_int4_dequantize_kernel(ctx: Context, fn) -> None:
-    device = runtime.get_device() if runtime.triton_mode() == "native" else torch.device("cpu")
     gen = ctx.generator(501)
     cases = [("worked example", 1, 32, 32),
              ("random", *ctx.pick((7, 96, 32), (5, 160, 32), (9, 224, 32), (11, 96, 32),
@@ -343,43 +363,45 @@ def check_int4_dequantize_kernel(ctx: Context, fn) -> None:
                                   (65, 128, 64), seed=2)),
              ("random", *ctx.pick((100, 384, 128), (99, 640, 128), (129, 128, 128),
                                   (67, 384, 128), (1, 256, 128), seed=3))]
-    with KernelWatch() as watch:
-        for label, n, k, g in cases:
-            ctx.case = f"{label}, N={n}, K={k}, group_size={g}"
-            codes, scales, zeros = _inputs(label, n, k, g, gen)
-            qweight = affine.pack_int4(codes)  # [N, K // 8] int32
-            want = w4a16_dequantize_reference(qweight, scales, zeros, g)
-            # views into padded buffers: poison around the inputs, a canary around out
-            q_buf, q = _padded(qweight, -1, device)
-            s_buf, s = _padded(scales, float("nan"), device)
-            z_buf, z = _padded(zeros, 255, device)
-            out_buf, out = _padded(torch.full((n, k), CANARY), CANARY, device)
-            before = [b.clone() for b in (q_buf, s_buf, z_buf, out_buf)]
-
-            _call_launcher(ctx, watch, fn, q, s, z, g, out)
-
-            if watch.counting and watch.launches == 0:
-                ctx.fail("no Triton kernel was launched: the launcher must run your kernel "
-                         "(dequantize_int4_kernel[grid](...)), not compute out with torch")
-            for what, buf, original in zip(("qweight", "scales", "zeros"), (q_buf, s_buf, z_buf),
-                                           before, strict=False):
-                where = _first_changed(buf.cpu(), original.cpu(), n)
-                if where:
-                    ctx.fail(f"{what} changed at {where}: the launcher and the kernel must only "
-                             "write out")
-            outside = torch.cat([out_buf[:PAD_BEFORE], out_buf[PAD_BEFORE + n:]])
-            if not (outside == CANARY).all():
-                bad = out_buf.cpu() != before[3].cpu()
-                bad[PAD_BEFORE:PAD_BEFORE + n] = False
-                row, col = (int(i) for i in torch.nonzero(bad)[0])
-                ctx.fail(f"the kernel wrote outside out: row {row - PAD_BEFORE}, column {col} "
-                         f"(out has {n} row{'s' if n != 1 else ''}){_MASK_HINT}")
-            got = out.cpu()
-            unwritten = got == CANARY
-            if unwritten.any():
-                row, col = (int(i) for i in torch.nonzero(unwritten)[0])
-                ctx.fail(f"out[{row}, {col}] was never written ({int(unwritten.sum())} of "
-                         f"{got.numel()} values still hold the value the grader filled out with): "
-                         "does the grid cover all of out, and does the launcher write into the "
-                         "`out` it is given?")
-            expect_close(ctx, got, want, "out", rtol=1e-5, atol=1e-7)
+    for label, n, k, g in cases:
+        ctx.case = f"{label}, N={n}, K={k}, group_size={g}"
+        codes, scales, zeros = _inputs(label, n, k, g, gen)
+        qweight = affine.pack_int4(codes)  # [N, K // 8] int32
+        want = w4a16_dequantize_reference(qweight, scales, zeros, g)
+        # views into padded buffers: poison around the inputs, a canary around out
+        before = [_padded(qweight, -1), _padded(scales, float("nan")), _padded(zeros, 255),
+                  _padded(torch.full((n, k), CANARY), CANARY)]
+        ran = in_learner_process(launch_in_buffers, fn, [b.clone() for b in before], n, g)
+        if not isinstance(ran, dict) or not isinstance(ran.get("buffers"), list) or \
+                len(ran["buffers"]) != 4:
+            ctx.fail("the grader could not read what the launch did")
+        if ran.get("failure"):
+            ctx.fail(str(ran["failure"]))
+        if ran.get("counting") and ran.get("launches") == 0:
+            ctx.fail("no Triton kernel was launched: the launcher must run your kernel "
+                     "(dequantize_int4_kernel[grid](...)), not compute out with torch")
+        after = [expect_tensor(ctx, b, "buffer", shape=tuple(o.shape), dtype=o.dtype)
+                 for b, o in zip(ran["buffers"], before, strict=True)]
+        for what, buf, original in zip(("qweight", "scales", "zeros"), after, before,
+                                       strict=False):
+            where = _first_changed(buf, original, n)
+            if where:
+                ctx.fail(f"{what} changed at {where}: the launcher and the kernel must only "
+                         "write out")
+        out_buf = after[3]
+        outside = torch.cat([out_buf[:PAD_BEFORE], out_buf[PAD_BEFORE + n:]])
+        if not (outside == CANARY).all():
+            bad = out_buf != before[3]
+            bad[PAD_BEFORE:PAD_BEFORE + n] = False
+            row, col = (int(i) for i in torch.nonzero(bad)[0])
+            ctx.fail(f"the kernel wrote outside out: row {row - PAD_BEFORE}, column {col} "
+                     f"(out has {n} row{'s' if n != 1 else ''}){_MASK_HINT}")
+        got = out_buf[PAD_BEFORE:PAD_BEFORE + n]
+        unwritten = got == CANARY
+        if unwritten.any():
+            row, col = (int(i) for i in torch.nonzero(unwritten)[0])
+            ctx.fail(f"out[{row}, {col}] was never written ({int(unwritten.sum())} of "
+                     f"{got.numel()} values still hold the value the grader filled out with): "
+                     "does the grid cover all of out, and does the launcher write into the "
+                     "`out` it is given?")
+        expect_close(ctx, got, want, "out", rtol=1e-5, atol=1e-7)

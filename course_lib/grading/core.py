@@ -16,10 +16,8 @@ under ``course-lib grade --hidden``; it never appears in a student notebook.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
-import json
 import random
 import traceback
 from collections.abc import Callable
@@ -53,13 +51,6 @@ class CheckResult:
             self.status = "pass" if self.passed else "fail"
         if self.status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
-
-    def save(self, path: str | Path, task: str) -> None:
-        """Append this result as one JSON line tagged with its task id (the grader collects
-        results from a learner's kernel this way)."""
-        row = {"task": task, **dataclasses.asdict(self)}
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
 
     def _ipython_display_(self) -> None:
         """Show nothing: the check has already printed its line (a cell ending in a check
@@ -124,6 +115,8 @@ class Context:
 
 def _where(exc: BaseException) -> str:
     """' (line N in f)' for the innermost frame of the learner's code, '' when unknown."""
+    if hasattr(exc, "learner_where"):  # raised in the student's kernel, located there
+        return str(exc.learner_where)
     frames = traceback.extract_tb(exc.__traceback__)
     for frame in reversed(frames):
         path = Path(frame.filename)
@@ -176,9 +169,50 @@ def check(name: str, points: int):
 
         run.task_name = name
         run.points = points
+        run.body = body  # what the grader runs against the student's kernel
         return run
 
     return decorate
+
+
+def instance_vars(obj) -> dict:
+    """``vars(obj)``, also for a student's object that lives in the kernel being graded."""
+    from course_lib.grading.remote import is_remote
+
+    if is_remote(obj):
+        got = obj._proxy_request("vars")
+        return got if isinstance(got, dict) else {}
+    return dict(vars(obj))
+
+
+def call_many(fn, calls: list[tuple]):
+    """Yield ``fn(*args)`` for each ``args`` in ``calls``, in order, as a loop of calls would
+    (an exception is raised where the loop would have raised it). Against a student's kernel
+    the calls travel in one request: checks that call a function thousands of times (sampling)
+    would otherwise wait on thousands of round trips."""
+    from course_lib.grading.remote import is_remote
+
+    if not is_remote(fn):
+        for args in calls:
+            yield fn(*args)
+        return
+    results, error = fn._proxy_session.request("map", target=fn._proxy_id, args=(list(calls),))
+    yield from results
+    if error is not None:
+        raise error
+
+
+def in_learner_process(helper: Callable, learner, *args):
+    """``helper(learner, *args)`` where the learner's code runs: in this process, or, when the
+    grader holds a proxy, in the student's kernel (for what can only be observed there, such as
+    the Triton launches a function makes). What such a helper reports is the one thing a
+    submission could fake; the values are still judged here."""
+    from course_lib.grading.remote import is_remote
+
+    if is_remote(learner):
+        return learner._proxy_session.helper(f"{helper.__module__}:{helper.__name__}",
+                                             learner, *args)
+    return helper(learner, *args)
 
 
 # --- comparisons -----------------------------------------------------------------------------

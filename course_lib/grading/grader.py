@@ -4,8 +4,11 @@ SUBMISSIONS is a folder of student folders (each holding that student's notebook
 depth), a single student's folder, or a single notebook. A notebook belongs to the chapter its
 name starts with (``01_quantization_math.ipynb``, or ``01-my copy.ipynb``). Each notebook runs
 in its own process (:mod:`course_lib.grading.notebook_runner`) in fast mode and offline, with a
-per-cell and a per-notebook time limit and a memory limit; whatever a notebook does, the run
-goes on to the next one.
+per-cell and a per-notebook time limit and a memory limit; its kernel runs in the platform's
+sandbox (:mod:`course_lib.grading.sandbox`) and the checks run in the runner, outside it.
+Whatever a notebook does, the run goes on to the next one: the grader reads each runner's
+report from a pipe (capped, within a wall time, tagged with a token only that runner got) and
+validates every result before it counts.
 
 Every check has a stable id (``01.pack_int4``, the keys of :data:`course_lib.grading.TASKS`) and
 points. Each one ends ``pass``, ``fail`` (wrong answer), ``error`` (the learner's code raised,
@@ -28,6 +31,7 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
@@ -37,7 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from course_lib.grading import TASKS
-from course_lib.grading.notebook_runner import error_result
+from course_lib.grading.notebook_runner import allowed_env, error_result
 
 #: Environment of every graded notebook: fast mode, no network, no GUI, reproducible hashing.
 GRADING_ENV = {
@@ -143,32 +147,175 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
-def grade_notebook(path: Path, chapter: str, settings: GradeSettings) -> dict:
-    """Run one notebook in a child process; its report (results and cell events) as a dict."""
-    task_ids = tasks_of(chapter)
-    with tempfile.TemporaryDirectory(prefix="course-grade-") as tmp:
-        out = Path(tmp) / "report.json"
-        cmd = [sys.executable, "-m", "course_lib.grading.notebook_runner", str(Path(path).resolve()),
-               "--tasks", *task_ids, "--out", str(out), "--cell-timeout", str(settings.cell_timeout),
-               "--timeout", str(settings.timeout), "--memory-gb", str(settings.memory_gb)]
-        if settings.hidden_seed is not None:
-            cmd += ["--hidden-seed", str(settings.hidden_seed)]
-        # the runner's own limit is timeout + one cell per check; allow for kernel starts too
-        wall = settings.timeout + settings.cell_timeout * (len(task_ids) + 2) + 120
-        proc = subprocess.Popen(cmd, env={**os.environ, **GRADING_ENV}, cwd=tmp,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+#: Bytes of a runner's report stream the grader reads (a real report is a few KB).
+MAX_REPORT_BYTES = 4 * 1024 ** 2
+#: Bytes of a runner's log kept (the tail) for messages.
+LOG_TAIL = 8 * 1024
+#: Length of a check's message kept in the grades.
+MAX_MESSAGE = 2000
+
+
+def _read_capped(stream, limit: int, keep_tail: bool) -> bytearray:
+    """Read ``stream`` to its end, keeping at most ``limit`` bytes (the head, or the tail)."""
+    kept = bytearray()
+    for chunk in iter(lambda: stream.read1(65536), b""):
+        kept += chunk
+        if len(kept) > limit:
+            if not keep_tail:
+                del kept[limit:]
+                for _ in iter(lambda: stream.read1(65536), b""):  # drain, keep nothing
+                    pass
+                break
+            del kept[:len(kept) - limit]
+    return kept
+
+
+def _reader(stream, limit: int, keep_tail: bool) -> tuple[threading.Thread, dict]:
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(data=_read_capped(stream, limit,
+                                                                          keep_tail)),
+                              daemon=True)
+    thread.start()
+    return thread, box
+
+
+def validate_results(rows, task_ids: Sequence[str]) -> tuple[list[dict], list[str]]:
+    """One result per task of the chapter, each checked: a known task, a status from
+    STATUSES, 0 points or the task's points (all of them exactly when it passed), a string
+    message. Anything else is replaced by an error result and named in the problems."""
+    from course_lib.grading.core import STATUSES
+
+    by_task, problems = {}, []
+    for row in rows if isinstance(rows, list) else []:
+        task_id = row.get("task") if isinstance(row, dict) else None
+        if task_id not in task_ids or task_id in by_task:
+            problems.append(f"an unexpected result for {str(task_id)[:40]!r}")
+            continue
+        points, status = row.get("points"), row.get("status")
+        expected_points = TASKS[task_id].points if status == "pass" else 0
+        if status not in STATUSES or type(points) is not int or points != expected_points \
+                or not isinstance(row.get("message"), str):
+            problems.append(f"an invalid result for {task_id}")
+            continue
+        by_task[task_id] = {**row, "name": TASKS[task_id].check.task_name,
+                            "max_points": TASKS[task_id].points, "passed": status == "pass",
+                            "message": row["message"][:MAX_MESSAGE]}
+    results = [by_task.get(t) or error_result(t, "the grader got no valid result for this check")
+               for t in task_ids]
+    return results, problems
+
+
+def _parse_stream(data: bytes, token: str) -> tuple[dict | None, list[dict]]:
+    """The runner's report and the events it streamed, from lines tagged with ``token``."""
+    report, events = None, []
+    for line in data.decode("utf-8", errors="replace").splitlines():
         try:
-            log, _ = proc.communicate(timeout=wall)
+            item = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(item, dict) or item.get("token") != token:
+            continue
+        if isinstance(item.get("event"), dict):
+            events.append(item["event"])
+        elif isinstance(item.get("report"), dict):
+            report = item["report"]
+    return report, events
+
+
+def _clean_events(events) -> list[dict]:
+    out = []
+    for e in events if isinstance(events, list) else []:
+        if isinstance(e, dict) and type(e.get("cell")) is int and isinstance(e.get("kind"), str):
+            out.append({"cell": e["cell"], "kind": e["kind"][:40],
+                        "message": str(e.get("message", ""))[:1000]})
+    return out
+
+
+def grade_notebook(path: Path, chapter: str, settings: GradeSettings,
+                   hidden: Sequence[Path] = ()) -> dict:
+    """Run one notebook in a child process; its report (results and cell events) as a dict.
+
+    The runner gets the hidden seed and a random token on its standard input and writes JSON
+    lines tagged with the token; the grader reads at most MAX_REPORT_BYTES of them, within the
+    wall time, and validates every result. Whatever the notebook does, this returns a report."""
+    task_ids = tasks_of(chapter)
+    token = secrets.token_hex(16)
+    cmd = [sys.executable, "-m", "course_lib.grading.notebook_runner", str(Path(path).resolve()),
+           "--tasks", *task_ids, "--cell-timeout", str(settings.cell_timeout),
+           "--timeout", str(settings.timeout), "--memory-gb", str(settings.memory_gb),
+           "--hide", *(str(h) for h in hidden)]
+    # the runner's own limit is timeout + one cell per check; allow for kernel starts too
+    wall = settings.timeout + (settings.cell_timeout + 15) * (len(task_ids) + 2) + 120
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="course-runner-") as cwd:
+        proc = subprocess.Popen(cmd, env={**allowed_env(dict(os.environ)), **GRADING_ENV},
+                                cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        out_thread, out = _reader(proc.stdout, MAX_REPORT_BYTES, keep_tail=False)
+        log_thread, log = _reader(proc.stderr, LOG_TAIL, keep_tail=True)
+        try:
+            proc.stdin.write((json.dumps({"hidden_seed": settings.hidden_seed, "token": token})
+                              + "\n").encode())
+            proc.stdin.close()
+        except OSError:
+            pass
+        killed = ""
+        try:
+            proc.wait(timeout=wall)
         except subprocess.TimeoutExpired:
-            _kill_tree(proc.pid)
-            log, _ = proc.communicate()
-            log = f"killed after {wall:.0f} s\n{log}"
-        if proc.returncode == 0 and out.exists():
-            return json.loads(out.read_text())
-    tail = " | ".join(line for line in (log or "").strip().splitlines()[-3:])
-    return {"notebook": path.name, "events": [], "wall_s": None, "cells_run": 0, "results": [
-        error_result(t, f"the grader could not run this notebook: {tail or 'no output'}")
-        for t in task_ids]}
+            killed = f"the grader stopped this notebook after {wall:.0f} s"
+        _kill_tree(proc.pid)
+        proc.wait()
+        out_thread.join(timeout=10)
+        log_thread.join(timeout=10)
+    report, events = _parse_stream(bytes(out.get("data", b"")), token)
+    if report is None:
+        tail = " | ".join(bytes(log.get("data", b"")).decode(errors="replace")
+                          .strip().splitlines()[-3:])[-500:]
+        reason = killed or f"the grader could not run this notebook: {tail or 'no output'}"
+        return {"notebook": path.name, "events": _clean_events(events), "wall_s":
+                round(time.monotonic() - start, 1), "cells_run": 0, "sandbox": "",
+                "results": [error_result(t, reason) for t in task_ids]}
+    results, problems = validate_results(report.get("results"), task_ids)
+    clean = _clean_events(report.get("events"))
+    clean += [{"cell": 0, "kind": "invalid result", "message": p} for p in problems]
+    wall_s = report.get("wall_s")
+    return {"notebook": path.name, "events": clean, "results": results,
+            "wall_s": wall_s if isinstance(wall_s, (int, float)) else None,
+            "cells_run": report.get("cells_run") if type(report.get("cells_run")) is int else 0,
+            "sandbox": str(report.get("sandbox", ""))[:300]}
+
+
+class LibraryGuard:
+    """The course library's files as they were when grading started, to notice (and undo) a
+    submission that changed them: where no sandbox makes the library read-only, a notebook
+    could otherwise edit the checks that grade the next student."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root or Path(__file__).resolve().parents[1]
+        self.files = self._read()
+
+    def _read(self) -> dict[Path, bytes]:
+        return {p: p.read_bytes() for p in sorted(self.root.rglob("*"))
+                if p.is_file() and "__pycache__" not in p.parts}
+
+    def restore(self) -> list[str]:
+        """Undo every change since the start; what was changed, relative to the library."""
+        changed = []
+        now = {p for p in self.root.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+        for path in sorted(now - self.files.keys()):
+            changed.append(f"added {path.relative_to(self.root)}")
+            path.unlink(missing_ok=True)
+        for path, data in self.files.items():
+            try:
+                same = path.read_bytes() == data
+            except OSError:
+                same = False
+            if not same:
+                changed.append(f"changed {path.relative_to(self.root)}")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+        return changed
 
 
 def _missing_chapter(chapter: str) -> dict:
@@ -178,14 +325,27 @@ def _missing_chapter(chapter: str) -> dict:
 
 
 def grade_submissions(subs: Sequence[Submission], chapters: Sequence[str],
-                      settings: GradeSettings, progress=None) -> dict:
-    """Grade every student on every check of ``chapters``; the whole record as a dict."""
+                      settings: GradeSettings, progress=None,
+                      hidden: Sequence[Path] = ()) -> dict:
+    """Grade every student on every check of ``chapters``; the whole record as a dict.
+    ``hidden`` are folders no graded kernel may see (the submissions, the outputs ...)."""
     jobs = [(s, c) for s in subs for c in chapters if c in s.notebooks]
     reports: dict[tuple[str, str], dict] = {}
+    from course_lib.grading.sandbox import detect
+
+    # with a sandbox the library is read-only to kernels; without, undo what a notebook changed
+    guard = LibraryGuard() if detect().kind == "none" else None
+    guard_lock = threading.Lock()
 
     def run(job):
         sub, chapter = job
-        report = grade_notebook(sub.notebooks[chapter], chapter, settings)
+        report = grade_notebook(sub.notebooks[chapter], chapter, settings, hidden)
+        with guard_lock:
+            changed = guard.restore() if guard is not None else []
+        if changed:
+            report["events"].append({"cell": 0, "kind": "library changed", "message":
+                                     "the course library was changed while this notebook ran "
+                                     f"(undone): {', '.join(changed)[:500]}"})
         if progress is not None:
             progress(sub.student, chapter, report)
         return job, report
@@ -201,7 +361,8 @@ def grade_submissions(subs: Sequence[Submission], chapters: Sequence[str],
             source = sub.notebooks.get(chapter)
             notebooks[chapter] = {"file": str(source) if source else None,
                                   "events": report["events"], "wall_s": report["wall_s"],
-                                  "cells_run": report["cells_run"]}
+                                  "cells_run": report["cells_run"],
+                                  "sandbox": report.get("sandbox", "")}
             for row in report["results"]:
                 checks[row["task"]] = {k: row[k] for k in
                                        ("status", "points", "max_points", "message")}
@@ -324,6 +485,16 @@ def print_summary(record: dict) -> None:
     Console().print(table)
 
 
+def hidden_folders(submissions: Path, out: Path) -> list[Path]:
+    """What a graded kernel must not see: every submission, the outputs, the solutions."""
+    submissions = submissions.resolve()
+    folders = [submissions if submissions.is_dir() else submissions.parent, out.resolve()]
+    solutions = Path(__file__).resolve().parents[2] / "solutions"
+    if solutions.is_dir():
+        folders.append(solutions)
+    return folders
+
+
 def grade_cli(args) -> int:
     """Entry point of ``course-lib grade`` (arguments from ``cli.py``)."""
     try:
@@ -350,7 +521,12 @@ def grade_cli(args) -> int:
         most = sum(r["max_points"] for r in report["results"])
         print(f"  {student} / {chapter}: {points}/{most} points ({report['wall_s']} s)", flush=True)
 
-    record = grade_submissions(subs, chapters, settings, progress)
+    from course_lib.grading.sandbox import detect
+
+    print(f"sandbox: {detect().summary}")
+    record = grade_submissions(subs, chapters, settings, progress,
+                               hidden_folders(Path(args.submissions), Path(args.out)))
+    record["sandbox"] = detect().summary
     record["wall_s"] = round(time.monotonic() - start, 1)
     written = write_outputs(record, Path(args.out), args.feedback)
     print_summary(record)

@@ -215,7 +215,11 @@ def _add_grade(sub) -> None:
     g.add_argument("--cell-timeout", type=float, default=120,
                    help="seconds for one cell or one check (default: 120)")
     g.add_argument("--memory-limit", type=float, default=6, metavar="GB",
-                   help="address-space limit per notebook, 0 for none (default: 6)")
+                   help="memory cap per notebook (its whole process tree where the sandbox "
+                   "can, else per process), 0 for none (default: 6)")
+    g.add_argument("--no-sandbox", action="store_true",
+                   help="run the kernels without the namespace sandbox (where it breaks "
+                   "something; the checks still run outside the kernels)")
     g.add_argument("--jobs", type=_positive, default=1, help="notebooks graded at once (default: 1)")
     g.set_defaults(func=_grade)
 

@@ -13,6 +13,7 @@ import nbformat
 import pytest
 from grading_fixtures import CH01, EXPECTED, build_fixture_submissions
 
+import course_lib
 from course_lib import cli
 from course_lib.grading import TASKS
 from course_lib.grading.grader import (
@@ -21,6 +22,7 @@ from course_lib.grading.grader import (
     _read_capped,
     chapter_of,
     find_submissions,
+    hidden_folders,
     validate_results,
 )
 from course_lib.grading.notebook_runner import run_notebook
@@ -255,3 +257,12 @@ def test_the_library_guard_undoes_a_submissions_changes(tmp_path) -> None:
     assert (lib / "grading" / "checks.py").read_text() == "ORIGINAL = True\n"
     assert not (lib / "grading" / "_pwned.py").exists()
     assert guard.restore() == []
+
+
+def test_hidden_folders_never_hide_what_the_kernel_needs(tmp_path) -> None:
+    subs, out = tmp_path / "class", tmp_path / "out"
+    subs.mkdir()
+    assert hidden_folders(subs, out)[:2] == [subs.resolve(), out.resolve()]
+    repo = Path(course_lib.__file__).resolve().parents[1]
+    assert repo not in hidden_folders(subs, repo)  # --out . in the repository
+    assert Path(sys.prefix).resolve() not in hidden_folders(Path(sys.prefix), out)

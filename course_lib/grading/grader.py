@@ -130,6 +130,7 @@ class GradeSettings:
     memory_gb: float = 6.0
     hidden_seed: int | None = None
     jobs: int = 1
+    sandbox: bool = True
 
 
 def _kill_tree(pid: int) -> None:
@@ -243,7 +244,7 @@ def grade_notebook(path: Path, chapter: str, settings: GradeSettings,
     cmd = [sys.executable, "-m", "course_lib.grading.notebook_runner", str(Path(path).resolve()),
            "--tasks", *task_ids, "--cell-timeout", str(settings.cell_timeout),
            "--timeout", str(settings.timeout), "--memory-gb", str(settings.memory_gb),
-           "--hide", *(str(h) for h in hidden)]
+           "--hide", *(str(h) for h in hidden), *([] if settings.sandbox else ["--no-sandbox"])]
     # the runner's own limit is timeout + one cell per check; allow for kernel starts too
     wall = settings.timeout + (settings.cell_timeout + 15) * (len(task_ids) + 2) + 120
     start = time.monotonic()
@@ -331,10 +332,10 @@ def grade_submissions(subs: Sequence[Submission], chapters: Sequence[str],
     ``hidden`` are folders no graded kernel may see (the submissions, the outputs ...)."""
     jobs = [(s, c) for s in subs for c in chapters if c in s.notebooks]
     reports: dict[tuple[str, str], dict] = {}
-    from course_lib.grading.sandbox import detect
+    from course_lib.grading.sandbox import choose
 
     # with a sandbox the library is read-only to kernels; without, undo what a notebook changed
-    guard = LibraryGuard() if detect().kind == "none" else None
+    guard = LibraryGuard() if choose(settings.sandbox).kind == "none" else None
     guard_lock = threading.Lock()
 
     def run(job):
@@ -486,13 +487,18 @@ def print_summary(record: dict) -> None:
 
 
 def hidden_folders(submissions: Path, out: Path) -> list[Path]:
-    """What a graded kernel must not see: every submission, the outputs, the solutions."""
+    """What a graded kernel must not see: every submission, the outputs, the solutions. A
+    folder that holds what the kernel needs (the library, the Python environment, the
+    temporary folder where its scratch folder lives) is left visible: hiding it would hide
+    those too (e.g. ``--out .`` in the repository)."""
     submissions = submissions.resolve()
     folders = [submissions if submissions.is_dir() else submissions.parent, out.resolve()]
     solutions = Path(__file__).resolve().parents[2] / "solutions"
     if solutions.is_dir():
         folders.append(solutions)
-    return folders
+    needed = [Path(__file__).resolve().parents[1], Path(sys.prefix).resolve(),
+              Path(tempfile.gettempdir()).resolve()]
+    return [f for f in folders if not any(n == f or f in n.parents for n in needed)]
 
 
 def grade_cli(args) -> int:
@@ -510,7 +516,8 @@ def grade_cli(args) -> int:
     seed = None
     if args.hidden:
         seed = args.seed if args.seed is not None else secrets.randbelow(2 ** 31)
-    settings = GradeSettings(args.cell_timeout, args.timeout, args.memory_limit, seed, args.jobs)
+    settings = GradeSettings(args.cell_timeout, args.timeout, args.memory_limit, seed, args.jobs,
+                             not args.no_sandbox)
     total = sum(c in s.notebooks for s in subs for c in chapters)
     print(f"grading {len(subs)} submission(s), chapters {', '.join(c[:2] for c in chapters)}: "
           f"{total} notebook(s)" + (f", hidden cases with seed {seed}" if seed is not None else ""))
@@ -521,12 +528,12 @@ def grade_cli(args) -> int:
         most = sum(r["max_points"] for r in report["results"])
         print(f"  {student} / {chapter}: {points}/{most} points ({report['wall_s']} s)", flush=True)
 
-    from course_lib.grading.sandbox import detect
+    from course_lib.grading.sandbox import choose
 
-    print(f"sandbox: {detect().summary}")
+    print(choose(settings.sandbox).summary)
     record = grade_submissions(subs, chapters, settings, progress,
                                hidden_folders(Path(args.submissions), Path(args.out)))
-    record["sandbox"] = detect().summary
+    record["sandbox"] = choose(settings.sandbox).summary
     record["wall_s"] = round(time.monotonic() - start, 1)
     written = write_outputs(record, Path(args.out), args.feedback)
     print_summary(record)

@@ -279,12 +279,13 @@ class _Kernel:
             self.nb.cells.pop()
 
 
-def _sandbox_for(scratch: Path, hidden: Sequence[Path], memory_gb: float):
+def _sandbox_for(scratch: Path, hidden: Sequence[Path], memory_gb: float,
+                 use_sandbox: bool = True):
     """(sandbox, wrap): the platform's sandbox and the function that wraps the kernel's
     command into it for this notebook."""
     from course_lib.grading import sandbox as sb
 
-    box = sb.detect()
+    box = sb.choose(use_sandbox)
     policy = sb.SandboxPolicy(
         scratch=scratch, hidden=tuple(Path(h) for h in hidden),
         memory_bytes=int(memory_gb * 1024 ** 3) if memory_gb > 0 else None,
@@ -296,14 +297,16 @@ def _sandbox_for(scratch: Path, hidden: Sequence[Path], memory_gb: float):
     return box, (lambda argv: box.wrap(["env", "-u", "JPY_PARENT_PID", *argv], policy))
 
 
-#: Processes a graded kernel may have at once (its whole tree, where the sandbox enforces it).
-MAX_PROCESSES = 256
+#: Tasks (processes and threads: the pids controller counts both) a graded kernel may have at
+#: once, for its whole tree where the sandbox enforces it; torch starts a thread per core.
+MAX_PROCESSES = max(512, 8 * (os.cpu_count() or 1))
 
 
 def run_notebook(path: Path, task_ids: Sequence[str], cell_timeout: float = 120,
                  timeout: float = 900, hidden_seed: int | None = None,
                  hidden: Sequence[Path] = (), memory_gb: float = 0,
-                 stream: Callable[[dict], None] | None = None) -> NotebookReport:
+                 stream: Callable[[dict], None] | None = None,
+                 use_sandbox: bool = True) -> NotebookReport:
     """Execute ``path`` in a sandboxed kernel and grade ``task_ids`` from this process; never
     raises on the learner's code. ``hidden`` are folders the kernel must not see."""
     start = time.monotonic()
@@ -323,7 +326,7 @@ def run_notebook(path: Path, task_ids: Sequence[str], cell_timeout: float = 120,
                      if c.get("cell_type") == "code" and str(c.get("source", "")).strip()]
     with tempfile.TemporaryDirectory(prefix="course-grade-") as scratch:
         workdir = Path(scratch)
-        box, wrap = _sandbox_for(workdir, hidden, memory_gb)
+        box, wrap = _sandbox_for(workdir, hidden, memory_gb, use_sandbox)
         report.sandbox = box.summary
         kernel = _Kernel(nb, workdir, wrap, kernel_env(dict(os.environ), workdir))
         try:
@@ -519,6 +522,16 @@ def become_subreaper() -> bool:
         return False
 
 
+def make_undumpable() -> None:
+    """Make this process's /proc entries (environment, file descriptors, memory) unreadable to
+    other processes of the same user: without a sandbox, a kernel of the same user could
+    otherwise write into the report pipe. No effect on root, which may read anything."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
+    except (OSError, AttributeError):
+        pass
+
+
 def kill_descendants() -> int:
     """Kill every process below this one (repeatedly, so forks in flight are caught too)."""
     import psutil
@@ -550,6 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--memory-gb", type=float, default=0, help="memory cap, 0 = none")
     parser.add_argument("--hide", type=Path, nargs="*", default=[],
                         help="folders the kernel must not see")
+    parser.add_argument("--no-sandbox", action="store_true", help="run the kernel unsandboxed")
     args = parser.parse_args(argv)
     secrets = json.loads(sys.stdin.readline() or "{}")
     token = str(secrets.get("token", ""))
@@ -561,14 +575,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.flush()
 
     become_subreaper()
+    make_undumpable()
     try:
         # the sandbox caps the kernel's whole tree; without one this per-process cap is all
         from course_lib.grading import sandbox as sb
 
-        if sb.detect().kind == "none":
+        if sb.choose(not args.no_sandbox).kind == "none":
             limit_memory(args.memory_gb)
         report = run_notebook(args.notebook, args.tasks, args.cell_timeout, args.timeout,
-                              secrets.get("hidden_seed"), args.hide, args.memory_gb, stream)
+                              secrets.get("hidden_seed"), args.hide, args.memory_gb, stream,
+                              not args.no_sandbox)
     finally:
         kill_descendants()
     stream({"report": report.to_json()})

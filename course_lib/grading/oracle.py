@@ -60,6 +60,13 @@ def _where(exc: BaseException) -> str:
     return where(exc)
 
 
+def _limit(exc: BaseException) -> dict:
+    """The error sent for an answer the channel cannot carry (a dtype it does not know, too
+    large, too deep)."""
+    return {"type": "GradingLimit", "bases": ["Exception"],
+            "message": f"the grader cannot take this answer: {exc}", "where": ""}
+
+
 def _error(exc: BaseException) -> dict:
     names = [c.__name__ for c in type(exc).__mro__ if c.__module__ == "builtins"]
     return {"type": type(exc).__name__[:100], "bases": names,
@@ -210,13 +217,14 @@ class Oracle:
         encoder = self._encoder(refs)
         try:
             reply["writeback"] = snapshot.changes(encoder)
+        except (TypeError, ValueError, RecursionError) as exc:
+            return {"raise": _limit(exc)}, []
+        try:
             if "raise" not in reply or op == "map":
                 reply["value"] = encoder.encode(value)
         except (TypeError, ValueError, RecursionError) as exc:
-            reply = {"raise": {"type": "GradingLimit", "bases": ["Exception"],
-                               "message": f"the grader cannot take this answer: {exc}",
-                               "where": ""}}
-            encoder.blobs = []
+            reply["raise"] = _limit(exc)
+            reply["value"] = {"$": "list", "v": []} if op == "map" else None
         return reply, encoder.blobs
 
     def _run(self, op: str, target: Any, message: dict, args: tuple, kwargs: dict) -> Any:

@@ -55,7 +55,10 @@ def _exception_class(name: str, bases: list) -> type:
     name = name if isinstance(name, str) and name.isidentifier() else "Exception"
     key = (name, base.__name__)
     if key not in _EXCEPTION_CLASSES:
-        _EXCEPTION_CLASSES[key] = base if base.__name__ == name else type(name, (base,), {})
+        if issubclass(base, KeyError):  # str(KeyError(m)) is repr(m): keep the student's text
+            _EXCEPTION_CLASSES[key] = type(name, (base,), {"__str__": lambda e: str(e.args[0])})
+        else:
+            _EXCEPTION_CLASSES[key] = base if base.__name__ == name else type(name, (base,), {})
     return _EXCEPTION_CLASSES[key]
 
 
@@ -157,8 +160,12 @@ class Session:
         if time.monotonic() >= self.deadline:
             raise GradingAborted("out of time", timed_out=True)
         try:
-            wire.send(self.sock, message, blobs)
+            self.sock.settimeout(max(0.01, self.deadline - time.monotonic()))
+            wire.send(self.sock, message, blobs)  # a kernel that stops reading cannot block this
             return wire.recv(self.sock, self.deadline)
+        except TimeoutError:
+            raise GradingAborted("the student's code did not answer in time",
+                                 timed_out=True) from None
         except wire.ChannelTimeout:
             raise GradingAborted("the student's code did not answer in time",
                                  timed_out=True) from None
@@ -189,33 +196,38 @@ class Session:
                    "kwargs": encoder.encode(dict(kwargs or {}))}
         reply, blobs = self._exchange(message, encoder.blobs)
         try:
-            self._write_back(reply.get("writeback", []), blobs, encoder.nodes)
-            decoder = wire.Decoder(blobs, nodes=encoder.nodes, handle=self._proxy)
-            if op == "map":
-                results = decoder.decode(reply.get("value"))
-                if not isinstance(results, list):
-                    raise wire.ProtocolError("a batch of calls without its list of results")
-                error = remote_exception(reply["raise"]) if "raise" in reply else None
-                return results, error
-            if "raise" in reply:
-                raise remote_exception(reply["raise"])
-            return decoder.decode(reply.get("value"))
-        except wire.ProtocolError as exc:
+            # one decoder for the changes and the value: the value may refer to an object that
+            # first appeared in a change (a list the student appended to the argument)
+            decoder = wire.Decoder(blobs, nodes=encoder.nodes)
+            self._write_back(reply.get("writeback", []), decoder)  # values only, no handles
+            decoder.handle = self._proxy
+            error = remote_exception(reply["raise"]) if "raise" in reply else None
+            value = decoder.decode(reply.get("value")) if error is None or op == "map" else None
+        except (wire.ProtocolError, TypeError, ValueError, OverflowError, RuntimeError,
+                KeyError, IndexError, AttributeError) as exc:  # whatever malformed data causes
             raise GradingAborted(f"the kernel sent a malformed answer: {exc}") from None
+        if op == "map":
+            if not isinstance(value, list):
+                raise GradingAborted("a batch of calls came back without its list of results")
+            return value, error
+        if error is not None:
+            raise error
+        return value
 
     def helper(self, path: str, *args: Any) -> Any:
         """Run the course_lib function ``path`` ("module:name") in the kernel on ``args``
         (used where a check must observe the student's code as it runs, e.g. Triton launches)."""
         return self.request("helper", path=path, args=args)
 
-    def _write_back(self, changes: Any, blobs: list, nodes: dict[int, Any]) -> None:
+    @staticmethod
+    def _write_back(changes: Any, decoder: wire.Decoder) -> None:
         if not isinstance(changes, list):
             raise wire.ProtocolError("malformed in-place changes")
-        decoder = wire.Decoder(blobs, nodes=nodes)  # no handles: only values come back
         for change in changes:
-            if not isinstance(change, list) or len(change) != 2 or change[0] not in nodes:
+            if not isinstance(change, list) or len(change) != 2 or type(change[0]) is not int \
+                    or change[0] not in decoder.nodes:
                 raise wire.ProtocolError("a change to an unknown object")
-            _apply(nodes[change[0]], change[1], decoder)
+            _apply(decoder.nodes[change[0]], change[1], decoder)
 
     def close(self) -> None:
         try:

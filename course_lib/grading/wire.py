@@ -349,8 +349,11 @@ class Decoder:
         return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(shape).clone()
 
     def _d_int(self, data, depth):
+        digits = data.get("v")
+        if not isinstance(digits, str) or len(digits) > 4000:
+            self.fail("a malformed or too long integer")
         try:
-            return int(str(data.get("v"))[:400])
+            return int(digits)
         except ValueError:
             self.fail("a malformed integer")
 

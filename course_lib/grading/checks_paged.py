@@ -25,7 +25,7 @@ import random
 
 import torch
 
-from course_lib.grading.core import Context, check, expect_close, expect_tensor
+from course_lib.grading.core import Context, check, expect_close, expect_tensor, read_attributes
 from course_lib.kernels.paged_attention import paged_decode_attention_reference
 from course_lib.models.paged import slot_mapping as reference_slot_mapping
 
@@ -58,12 +58,13 @@ class _Model:
         n = self.tokens[seq]
         if n % self.block_size == 0:
             return 1  # the last block is full (or there is none): a new block
-        last = alloc.block_tables[seq][-1]
-        return 1 if alloc.ref_counts[last] > 1 else 0  # shared, partly filled: copy-on-write
+        tables, ref_counts = read_attributes(alloc, "block_tables", "ref_counts")
+        return 1 if ref_counts[tables[seq][-1]] > 1 else 0  # shared, partly filled: copy-on-write
 
 
-def _free_list(ctx: Context, alloc) -> list[int]:
-    free = alloc.free_blocks
+def _free_list(ctx: Context, alloc, free=None) -> list[int]:
+    """The free list as ints (``free``: already read from ``alloc``)."""
+    free = alloc.free_blocks if free is None else free
     if not isinstance(free, list | tuple | set | frozenset) and not hasattr(free, "__iter__"):
         ctx.fail(f"free_blocks must be a list of block ids, got {type(free).__name__}")
     return [int(b) for b in free]
@@ -72,7 +73,8 @@ def _free_list(ctx: Context, alloc) -> list[int]:
 def _check_state(ctx: Context, alloc, model: _Model, after: str) -> None:
     """Every invariant of a correct allocator, after operation ``after``."""
     bs = model.block_size
-    tables = alloc.block_tables
+    tables, ref_counts, free_blocks = read_attributes(alloc, "block_tables", "ref_counts",
+                                                      "free_blocks")
     if set(tables) != set(model.tokens):
         ctx.fail(f"after {after}: block_tables has sequences {sorted(tables)}, expected "
                  f"{sorted(model.tokens)}")
@@ -90,7 +92,7 @@ def _check_state(ctx: Context, alloc, model: _Model, after: str) -> None:
                 ctx.fail(f"after {after}: sequence {seq}'s table {table} holds {b}, not a block id "
                          f"(0 .. {model.num_blocks - 1})")
             held[b] = held.get(b, 0) + 1
-    counts = [int(c) for c in alloc.ref_counts]
+    counts = [int(c) for c in ref_counts]
     if len(counts) != model.num_blocks:
         ctx.fail(f"after {after}: ref_counts has {len(counts)} entries, expected one per block "
                  f"({model.num_blocks})")
@@ -99,7 +101,7 @@ def _check_state(ctx: Context, alloc, model: _Model, after: str) -> None:
             owners = [s for s, t in tables.items() if b in t]
             ctx.fail(f"after {after}: block {b} is in the tables of sequences {owners} "
                      f"({held.get(b, 0)} references) but ref_counts[{b}] = {counts[b]}")
-    free = _free_list(ctx, alloc)
+    free = _free_list(ctx, alloc, free_blocks)
     if len(set(free)) != len(free):
         twice = sorted({b for b in free if free.count(b) > 1})
         ctx.fail(f"after {after}: block(s) {twice} are on the free list twice (a double free: "
@@ -125,22 +127,25 @@ def _check_state(ctx: Context, alloc, model: _Model, after: str) -> None:
 
 def _do_allocate(ctx: Context, alloc, model: _Model, seq: int, n: int) -> None:
     table = alloc.allocate(seq, n)
-    if table is None or [int(b) for b in table] != [int(b) for b in alloc.block_tables.get(seq, [])]:
+    tables = alloc.block_tables
+    if table is None or [int(b) for b in table] != [int(b) for b in tables.get(seq, [])]:
         ctx.fail(f"allocate({seq}, {n}) returned {table!r}; it should return the new block table "
                  f"(block_tables[{seq}])")
     model.tokens[seq] = n
     model.history[seq] = [(seq, i) for i in range(n)]
     for i in range(n):
-        b = int(alloc.block_tables[seq][i // model.block_size])
+        b = int(tables[seq][i // model.block_size])
         model.contents.setdefault(b, [None] * model.block_size)[i % model.block_size] = (seq, i)
 
 
 def _do_append(ctx: Context, alloc, model: _Model, seq: int) -> None:
-    before = [int(b) for b in alloc.block_tables[seq]]
+    tables, ref_counts = read_attributes(alloc, "block_tables", "ref_counts")
+    before = [int(b) for b in tables[seq]]
     n, bs = model.tokens[seq], model.block_size
-    shared = bool(before) and int(alloc.ref_counts[before[-1]]) > 1
+    shared = bool(before) and int(ref_counts[before[-1]]) > 1
     copy = alloc.append(seq)
-    table = [int(b) for b in alloc.block_tables[seq]]
+    tables, ref_counts = read_attributes(alloc, "block_tables", "ref_counts")
+    table = [int(b) for b in tables[seq]]
     label = f"append({seq}) (the sequence had {n} tokens, table {before})"
     if len(table) != _cdiv(n + 1, bs):
         ctx.fail(f"{label}: the table is now {table}; for {n + 1} tokens it needs "
@@ -168,9 +173,9 @@ def _do_append(ctx: Context, alloc, model: _Model, seq: int) -> None:
     if table[: n // bs] != before[: n // bs]:
         ctx.fail(f"{label}: the table changed from {before} to {table}; full blocks never change")
     target = table[n // bs]
-    if int(alloc.ref_counts[target]) != 1:
+    if int(ref_counts[target]) != 1:
         ctx.fail(f"{label}: the new token goes to block {target}, whose ref count is "
-                 f"{int(alloc.ref_counts[target])}: a sequence may write only into a block it "
+                 f"{int(ref_counts[target])}: a sequence may write only into a block it "
                  "owns alone (copy-on-write)")
     model.contents.setdefault(target, [None] * bs)[n % bs] = (seq, n)
 

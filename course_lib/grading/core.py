@@ -202,6 +202,16 @@ def call_many(fn, calls: list[tuple]):
         raise error
 
 
+def read_attributes(obj, *names: str) -> tuple:
+    """``(obj.a, obj.b, ...)`` in one go: one round trip for a student's object in the kernel
+    (a check that reads an allocator's whole state after every operation)."""
+    return in_learner_process(_get_attributes, obj, *names)
+
+
+def _get_attributes(obj, *names: str) -> tuple:
+    return tuple(getattr(obj, name) for name in names)
+
+
 def in_learner_process(helper: Callable, learner, *args):
     """``helper(learner, *args)`` where the learner's code runs: in this process, or, when the
     grader holds a proxy, in the student's kernel (for what can only be observed there, such as

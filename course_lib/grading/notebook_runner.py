@@ -62,7 +62,7 @@ STDERR_TAIL = 16 * 1024
 
 #: Variables a graded kernel (and the runner) may inherit; everything else in the instructor's
 #: environment (tokens, keys, the hidden seed) stays out.
-ALLOWED_ENV = ("PATH", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ", "TERM", "VIRTUAL_ENV",
+ALLOWED_ENV = ("PATH", "HOME", "COURSE_CACHE_DIR", "XDG_CACHE_HOME", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ", "TERM", "VIRTUAL_ENV",
                "CONDA_PREFIX", "PYTHONPATH", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS",
                "MKL_NUM_THREADS", "TRITON_INTERPRET", "TMPDIR", "COURSE_FAST", "COURSE_MODE",
                "COURSE_OFFLINE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE",
@@ -74,11 +74,34 @@ def allowed_env(environ: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in environ.items() if k in ALLOWED_ENV}
 
 
+def model_cache() -> Path | None:
+    """The instructor's cache of converted models (this process's view), if there is one."""
+    from course_lib.models.gguf import cache_root
+
+    root = cache_root()
+    return root.resolve() if root.is_dir() else None
+
+
+def share_model_cache(kernel_cache: Path) -> None:
+    """A link in the kernel's own (writable) model cache to each complete conversion in the
+    instructor's, so a notebook does not convert SmolLM2 again; the sandbox shows the
+    instructor's cache read-only (``SandboxPolicy.readable``)."""
+    from course_lib.models.gguf import is_complete
+
+    root = model_cache()
+    kernel_cache.mkdir(parents=True, exist_ok=True)
+    for entry in sorted(root.iterdir()) if root is not None else ():
+        if entry.is_dir() and is_complete(entry) and not (kernel_cache / entry.name).exists():
+            (kernel_cache / entry.name).symlink_to(entry, target_is_directory=True)
+
+
 def kernel_env(environ: dict[str, str], workdir: Path) -> dict[str, str]:
     """A graded kernel's environment: the allow-listed variables, and a private, empty HOME
-    (so no IPython profile, Jupyter config or cache of the instructor's is used)."""
+    (so no IPython profile, Jupyter config or cache of the instructor's is used; converted
+    models are shared read-only, see :func:`share_model_cache`)."""
     home = workdir / "home"
     home.mkdir(exist_ok=True)
+    share_model_cache(home / ".cache" / "course_lib")
     env = allowed_env(environ)
     env.update(HOME=str(home), IPYTHONDIR=str(home / ".ipython"), MPLCONFIGDIR=str(home / ".mpl"),
                XDG_CACHE_HOME=str(home / ".cache"), XDG_CONFIG_HOME=str(home / ".config"),
@@ -289,7 +312,7 @@ def _sandbox_for(scratch: Path, hidden: Sequence[Path], memory_gb: float,
     policy = sb.SandboxPolicy(
         scratch=scratch, hidden=tuple(Path(h) for h in hidden),
         memory_bytes=int(memory_gb * 1024 ** 3) if memory_gb > 0 else None,
-        max_processes=MAX_PROCESSES)
+        max_processes=MAX_PROCESSES, readable=tuple(p for p in [model_cache()] if p))
     if box.kind == "none":
         return box, (lambda argv: argv)
     # ipykernel exits when its parent is not JPY_PARENT_PID; inside a PID namespace it never is

@@ -85,6 +85,7 @@ class SandboxPolicy:
     hidden: tuple[Path, ...] = ()  # folders that look empty inside
     memory_bytes: int | None = None  # cap for the whole process tree
     max_processes: int | None = None  # cap for the whole tree (tasks: threads count)
+    readable: tuple[Path, ...] = ()  # folders visible read-only even under the private HOME
 
     def to_json(self) -> str:
         """The policy as the launcher's ``--policy`` argument."""
@@ -94,6 +95,7 @@ class SandboxPolicy:
                 "hidden": [str(h) for h in self.hidden],
                 "memory_bytes": self.memory_bytes,
                 "max_processes": self.max_processes,
+                "readable": [str(r) for r in self.readable],
             }
         )
 
@@ -106,6 +108,7 @@ class SandboxPolicy:
             hidden=tuple(Path(h) for h in data.get("hidden", ())),
             memory_bytes=data.get("memory_bytes"),
             max_processes=data.get("max_processes"),
+            readable=tuple(Path(r) for r in data.get("readable", ())),
         )
 
 
@@ -222,7 +225,7 @@ def _bwrap_command(argv: list[str], policy: SandboxPolicy) -> list[str]:
         if path and path != "/":
             cmd += ["--tmpfs", path]
     covered = [p for p in (*_PRIVATE_TMPFS, os.environ.get("HOME", "")) if p and p != "/"]
-    for keep in keep_paths(argv):  # Python may live under $HOME (pyenv)
+    for keep in [*keep_paths(argv), *map(str, policy.readable)]:  # Python may live under $HOME
         if _needs_rebind(keep, covered):
             cmd += ["--ro-bind", keep, keep]
     cmd += ["--bind", str(policy.scratch), str(policy.scratch)]
@@ -848,7 +851,7 @@ def launch(
     policy: SandboxPolicy, argv: list[str], probe: bool = False, cgroups: bool = True
 ) -> int:
     """Run ``argv`` in the sandbox and return its exit code (the launcher's main work)."""
-    plan = _Plan(policy, argv, probe, keep_paths(argv))
+    plan = _Plan(policy, argv, probe, [*keep_paths(argv), *map(str, policy.readable)])
     for cap, limit in (("memory", policy.memory_bytes), ("processes", policy.max_processes)):
         group = _make_cgroup(cap, limit) if limit and cgroups else None
         if group:

@@ -94,11 +94,14 @@ def _remove_planted(*folders: Path) -> list[str]:
 
 
 class _PeakRss:
-    """Sample, in a thread, the largest RSS of this process and of its children that are not
-    Jupyter kernels nor the notebooks' own processes: the grader's memory."""
+    """Sample, in a thread, the largest RSS of the grader's children that are not Jupyter
+    kernels nor the notebooks' own processes, and how much this process (which runs
+    ``cli.main``) grew: the grader's memory. This process's own RSS is counted from where it
+    stood at the start, since earlier tests in the same session may have left it large."""
 
     def __init__(self) -> None:
         self.peak, self.where = 0, ""
+        self._base = psutil.Process().memory_info().rss
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -115,6 +118,8 @@ class _PeakRss:
                     rss = proc.memory_info().rss
                 except psutil.Error:
                     continue
+                if proc.pid == me.pid:
+                    rss -= self._base
                 if "ipykernel" not in args and marker(TOKEN) not in args and rss > self.peak:
                     self.peak, self.where = rss, args[:200]
 

@@ -214,7 +214,9 @@ def test_writes_only_scratch_and_private_tmp(scratch, tmp_path):
 
 
 def test_hidden_folder_looks_empty(scratch, tmp_path):
-    hidden = REPO / "tests"  # outside /tmp, so only the hidden tmpfs can hide it
+    # the library's own folder: visible inside wherever the checkout is (bound back read-only
+    # when it lies under /tmp or HOME), so only the hidden tmpfs can hide it
+    hidden = Path(sandbox.__file__).resolve().parent
     code = (
         "import json, os, sys\n"
         "try: open(os.path.join(sys.argv[1], 'x'), 'w'); w = True\n"
